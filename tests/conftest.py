@@ -1,0 +1,44 @@
+"""Fixtures shared by every test folder."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite store with every migration applied (about 2 s, so once a session)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db.as_posix()}").search_experiments(max_results=1)
+    return db
+
+
+@pytest.fixture
+def mlflow_uri(_empty_mlflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh, empty MLflow SQLite store of this test's own; returns its ``sqlite:///`` URI.
+
+    Artifacts of experiments created without an artifact location (and of the
+    ``Default`` experiment) land in ``<tmp_path>/mlflow/mlartifacts``, never in the
+    working directory's ``./mlruns``.
+    """
+    root = tmp_path / "mlflow"
+    root.mkdir()
+    db = root / "mlflow.db"
+    shutil.copyfile(_empty_mlflow_db, db)
+    artifacts = root / "mlartifacts"
+    with sqlite3.connect(db) as connection:
+        connection.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+            ((artifacts / "0").as_uri(),),
+        )
+    connection.close()
+    # MLflow's client reads its default artifact root for a SQL store from this variable
+    # (mlflow.tracking._tracking_service.utils._get_sqlalchemy_store); subprocesses inherit it.
+    monkeypatch.setenv("_MLFLOW_SERVER_ARTIFACT_ROOT", artifacts.as_uri())
+    return f"sqlite:///{db.as_posix()}"

@@ -1,0 +1,142 @@
+"""``python -m xp`` / ``xp``: subcommands first, then Hydra composes and runs the experiment.
+
+This module imports neither torch nor mlflow, so ``--help`` and ``--cfg job`` answer at
+once; the run itself imports them in ``xp.run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CONF_DIR = next(
+    p for p in (Path(__file__).parent / "conf", Path(__file__).parent.parent / "conf") if p.is_dir()
+)
+"""conf/ of a source checkout (editable install), or the copy a wheel ships as xp/conf."""
+
+_LEGACY_LOCAL_RANK = re.compile(r"^--local[-_]rank(=(\d+))?$")
+
+
+def _strip_legacy_local_rank(argv: list[str]) -> list[str]:
+    """Drop ``--local-rank N`` that torch.distributed.launch passes (LOCAL_RANK says it too)."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        match = _LEGACY_LOCAL_RANK.match(arg)
+        if match is None:
+            out.append(arg)
+            continue
+        value = match.group(2)
+        if value is None and i + 1 < len(argv) and argv[i + 1].isdigit():
+            value = argv[i + 1]
+            skip = True
+        if value is not None:
+            os.environ.setdefault("LOCAL_RANK", value)
+    return out
+
+
+def _timestamp(outputs: Path) -> str:
+    """Now, as the run directory's name; made unique under ``outputs/`` if a run has it."""
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    taken = {p.name for p in outputs.glob(f"*/{stamp}*")} | {
+        p.name for p in outputs.glob(f"*/multirun/{stamp}*")
+    }
+    candidate, n = stamp, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{stamp}_{n}"
+    return candidate
+
+
+def _prepare_environment() -> None:
+    """Fix the launch directory and the run's timestamp once per launch.
+
+    Both travel in environment variables, so the processes a launcher starts from this
+    one (and resolvers called again later) see the same values.
+    """
+    launch = Path(os.environ.get("XP_LAUNCH_DIR") or os.getcwd()).resolve()
+    os.environ["XP_LAUNCH_DIR"] = str(launch)
+    if not os.environ.get("XP_TIMESTAMP"):
+        os.environ["XP_TIMESTAMP"] = _timestamp(launch / "outputs")
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("xp_timestamp"):
+        OmegaConf.register_new_resolver("xp_timestamp", lambda: os.environ["XP_TIMESTAMP"])
+    if not OmegaConf.has_resolver("xp_outputs"):
+        OmegaConf.register_new_resolver(
+            "xp_outputs", lambda: str(Path(os.environ["XP_LAUNCH_DIR"]) / "outputs")
+        )
+
+
+def _ui(argv: list[str]) -> int:
+    """``xp ui``: the MLflow UI on 127.0.0.1, on the store the runs were written to."""
+    parser = argparse.ArgumentParser(prog="xp ui", description=_ui.__doc__)
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db",
+    )
+    args = parser.parse_args(argv)
+    from xp.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(Path(os.environ["XP_LAUNCH_DIR"]))
+    if not uri.startswith("sqlite:") and "://" in uri and not uri.startswith("file:"):
+        print(f"xp ui: runs live on the server {uri}; open it in a browser instead.")
+        return 0
+    cmd = [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", uri,
+        "--host", args.host,
+        "--port", str(args.port),
+    ]  # fmt: skip
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)")
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+SUBCOMMANDS = {"ui": _ui}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``xp`` command; returns its exit status."""
+    args = _strip_legacy_local_rank(list(sys.argv[1:] if argv is None else argv))
+    _prepare_environment()
+    if args and args[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[args[0]](args[1:])
+
+    import hydra
+
+    from xp.config import register_schemas
+
+    _register_resolvers()
+    register_schemas()
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def task(cfg: Any) -> float | None:
+        from xp.run import run
+
+        return run(cfg)
+
+    sys.argv = [sys.argv[0], *args]
+    task()  # the objective it returns is for Hydra's sweepers, not the exit status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

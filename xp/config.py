@@ -1,0 +1,421 @@
+"""Typed schemas for every config group.
+
+Each YAML option under ``conf/<group>/`` extends one of these dataclasses (stored in
+Hydra's ConfigStore under ``schema/<group>/<name>``), so a typo or a wrong type fails
+at compose time with the full key named. This module imports neither torch nor
+mlflow: ``python -m xp --cfg job`` must stay fast.
+
+Nodes that end in a torch object (an optimizer, an LR scheduler phase, a dataset) are
+flat: the ``_target_`` and its keyword arguments sit beside xp's own settings, which
+are the fields of the base schema (``OptimConfig``, ``PhaseConfig``, ``DataConfig``).
+``xp.run`` splits the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Device(str, Enum):
+    """Where a single-device run puts the model."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Launcher(str, Enum):
+    """How the processes of a run were started (mmengine's launcher names)."""
+
+    none = "none"
+    pytorch = "pytorch"
+    slurm = "slurm"
+    mpi = "mpi"
+
+
+class StartMethod(str, Enum):
+    """multiprocessing start method for DataLoader workers."""
+
+    fork = "fork"
+    spawn = "spawn"
+    forkserver = "forkserver"
+
+
+class AMP(str, Enum):
+    """Automatic mixed precision of the forward pass."""
+
+    off = "off"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+# --------------------------------------------------------------------------- strategy
+
+
+@dataclass
+class CompileConfig:
+    """``torch.compile`` of one method of the model."""
+
+    enabled: bool = False
+    """Compile the model (off by default: compilation costs seconds up front)."""
+    target: str = "forward"
+    """Name of the model method to compile."""
+    mode: str | None = None
+    """torch.compile mode (default, reduce-overhead, max-autotune); null: torch's default."""
+    fullgraph: bool = False
+    """Fail on graph breaks instead of falling back to eager."""
+    dynamic: bool | None = None
+    """Dynamic shapes; null lets torch decide."""
+
+
+@dataclass
+class AutoScaleLRConfig:
+    """Linear LR scaling by the real batch size (Goyal et al., 2017)."""
+
+    enabled: bool = False
+    """Scale every param group's lr by world_size * batch_size / base_batch_size."""
+    base_batch_size: int = 64
+    """The total batch size the configured lr was tuned for."""
+
+
+@dataclass
+class StrategyConfig:
+    """Settings every strategy shares: environment, compile and LR scaling."""
+
+    _target_: str = MISSING
+    launcher: Launcher | None = None
+    """none, pytorch, slurm or mpi; null infers it from the environment."""
+    cudnn_benchmark: bool = False
+    """Let cuDNN pick the fastest kernels (off when randomness.deterministic)."""
+    mp_start_method: StartMethod | None = None
+    """Start method for worker processes; null keeps the platform's default."""
+    threads_per_process: int | None = None
+    """torch intra-op threads per process; null: the cores divided by local processes."""
+    resource_limit: int = 4096
+    """Raise the soft open-file limit to at least this (never above the hard limit)."""
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    auto_scale_lr: AutoScaleLRConfig = field(default_factory=AutoScaleLRConfig)
+
+
+@dataclass
+class SingleDeviceStrategyConfig(StrategyConfig):
+    """One process, one device."""
+
+    _target_: str = "xp.strategy.SingleDeviceStrategy"
+    device: Device = Device.auto
+    """auto takes CUDA when available, else the CPU."""
+
+
+# --------------------------------------------------------------------------- optim
+
+
+@dataclass
+class ClipGradConfig:
+    """Gradient clipping; at most one of max_norm and max_value."""
+
+    max_norm: float | None = None
+    """Clip the total gradient norm to this (torch.nn.utils.clip_grad_norm_)."""
+    norm_type: float = 2.0
+    """The p of the p-norm used with max_norm."""
+    max_value: float | None = None
+    """Clip every gradient element to [-max_value, max_value]."""
+
+
+@dataclass
+class ParamGroupConfig:
+    """Multipliers for the parameters under one module name prefix."""
+
+    lr_mult: float = 1.0
+    decay_mult: float = 1.0
+
+
+@dataclass
+class ParamwiseConfig:
+    """Per-parameter optimizer options (mmengine's paramwise_cfg)."""
+
+    bias_decay_mult: float = 1.0
+    """Weight-decay multiplier for biases; 0 turns decay off for them."""
+    norm_decay_mult: float = 1.0
+    """Weight-decay multiplier for normalization layers (BatchNorm, LayerNorm, GroupNorm...)."""
+    custom: dict[str, ParamGroupConfig] = field(default_factory=dict)
+    """Module name prefix -> multipliers, e.g. {backbone: {lr_mult: 0.1}}; longest prefix wins."""
+
+
+@dataclass
+class OptimConfig:
+    """One optimizer and its wrapper. Subclasses add the torch optimizer's arguments."""
+
+    _target_: str = MISSING
+    _partial_: bool = True
+    accumulative_counts: int = 1
+    """Micro-batches whose gradients add up before one optimizer step."""
+    clip_grad: ClipGradConfig = field(default_factory=ClipGradConfig)
+    amp: AMP = AMP.off
+    """off, bf16 or fp16 (fp16 adds a gradient scaler)."""
+    paramwise: ParamwiseConfig = field(default_factory=ParamwiseConfig)
+    params: str | None = None
+    """With several optimizers: the submodule whose parameters this one owns."""
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    _target_: str = "torch.optim.SGD"
+    lr: float = 0.05
+    momentum: float = 0.9
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass
+class AdamConfig(OptimConfig):
+    _target_: str = "torch.optim.Adam"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+
+
+@dataclass
+class AdamWConfig(OptimConfig):
+    _target_: str = "torch.optim.AdamW"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    amsgrad: bool = False
+
+
+@dataclass
+class MultiOptimConfig:
+    """Several named optimizers for one model (mmengine's OptimWrapperDict)."""
+
+    optimizers: dict[str, OptimConfig] = field(default_factory=dict)
+    """Name -> optimizer; each names the submodule it owns in `params`."""
+
+
+# --------------------------------------------------------------------------- scheduler
+
+
+@dataclass
+class PhaseConfig:
+    """One torch LR scheduler, active over the window [begin, end).
+
+    A schedule is a mapping of named phases (``scheduler.warmup``, ``scheduler.cosine``).
+    Phases whose windows follow each other chain (torch's SequentialLR); phases whose
+    windows overlap multiply (torch's ChainedScheduler).
+    """
+
+    _target_: str = MISSING
+    _partial_: bool = True
+    begin: int = 0
+    """First epoch (or step, when not by_epoch) of the window."""
+    end: int | None = None
+    """End of the window, exclusive; null: the end of training."""
+    by_epoch: bool = True
+    """Step at the end of each epoch, or after each optimizer step."""
+    convert_to_iter_based: bool = False
+    """Give an epoch-based phase the same shape, stepped smoothly after each optimizer step."""
+
+
+@dataclass
+class ConstantLRConfig(PhaseConfig):
+    _target_: str = "torch.optim.lr_scheduler.ConstantLR"
+    factor: float = 1.0
+
+
+@dataclass
+class StepLRConfig(PhaseConfig):
+    _target_: str = "torch.optim.lr_scheduler.StepLR"
+    step_size: int = 1
+    gamma: float = 0.1
+
+
+@dataclass
+class MultiStepLRConfig(PhaseConfig):
+    _target_: str = "torch.optim.lr_scheduler.MultiStepLR"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+
+
+@dataclass
+class CosineAnnealingLRConfig(PhaseConfig):
+    _target_: str = "torch.optim.lr_scheduler.CosineAnnealingLR"
+    eta_min: float = 0.0
+
+
+@dataclass
+class LinearLRConfig(PhaseConfig):
+    _target_: str = "torch.optim.lr_scheduler.LinearLR"
+    start_factor: float = 1.0 / 3
+    end_factor: float = 1.0
+
+
+class AnnealStrategy(str, Enum):
+    cos = "cos"
+    linear = "linear"
+
+
+@dataclass
+class OneCycleLRConfig(PhaseConfig):
+    _target_: str = "torch.optim.lr_scheduler.OneCycleLR"
+    by_epoch: bool = False
+    max_lr: float | None = None
+    """Peak lr; null: each param group's configured lr."""
+    pct_start: float = 0.3
+    anneal_strategy: AnnealStrategy = AnnealStrategy.cos
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    three_phase: bool = False
+    cycle_momentum: bool = True
+
+
+# --------------------------------------------------------------------------- others
+
+
+@dataclass
+class RandomnessConfig:
+    """Seeds and determinism."""
+
+    seed: int | None = 0
+    """Base seed; null draws one at random, logs it and records it on the run."""
+    diff_rank_seed: bool = False
+    """Give each rank seed + rank instead of the same seed."""
+    deterministic: bool = False
+    """torch deterministic algorithms, cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG."""
+
+
+@dataclass
+class DataConfig:
+    """Loader settings. Subclasses add the dataset factory's arguments."""
+
+    _target_: str = MISSING
+    batch_size: int = 64
+    """Samples per batch per process."""
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    drop_last: bool = False
+    """Drop the last incomplete training batch of each epoch."""
+
+
+@dataclass
+class DigitsDataConfig(DataConfig):
+    """scikit-learn's bundled digits: 1,797 8x8 images, no download."""
+
+    _target_: str = "xp.data.digits"
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    """Seed of the fixed train/val split (independent of randomness.seed)."""
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    _target_: str = "xp.model.MLP"
+    in_features: int = 64
+    hidden_sizes: list[int] = field(default_factory=lambda: [128, 128])
+    num_classes: int = 10
+    dropout: float = 0.1
+    norm: bool = True
+    """LayerNorm after each hidden layer."""
+
+
+@dataclass
+class TrainerConfig:
+    """How long to train, and how often to validate, log and checkpoint."""
+
+    max_epochs: int | None = 20
+    """Epochs to train; with max_steps too, training stops at whichever comes first."""
+    max_steps: int | None = None
+    """Optimizer steps to train."""
+    val_interval_epochs: int = 1
+    """Validate every this many epochs (and always at the end); 0 turns it off."""
+    log_interval_steps: int = 10
+    """Log train/loss, train/lr and throughput every this many optimizer steps."""
+    checkpoint_interval_epochs: int = 1
+    """Save a checkpoint every this many epochs (and always at the end); 0 turns it off."""
+    checkpoint_interval_steps: int = 0
+    """Also save every this many optimizer steps; 0 turns it off."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep; 0 keeps all."""
+    objective: str = "val/acc"
+    """The metric returned to Hydra (and its sweepers) at the end."""
+    progress_bar: bool | None = None
+    """A progress bar over steps; null: only when stderr is a terminal."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    """null: $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/outputs/mlflow.db."""
+    log_checkpoints: bool = True
+    """Upload the kept checkpoints as artifacts at the end of the run."""
+    checkpoint_artifact_max_mb: float = 512.0
+    """Larger checkpoints are recorded by their location (tag) instead of uploaded."""
+    system_metrics: bool = False
+    """MLflow's own system metrics (CPU, memory, GPU where present)."""
+    flush_interval_s: float = 2.0
+    """How often buffered metrics are written, in the background."""
+
+
+@dataclass
+class XPConfig:
+    """The whole composed config."""
+
+    experiment_name: str = "default"
+    """Names the MLflow experiment and the folder under outputs/."""
+    strategy: StrategyConfig = MISSING
+    optim: Any = MISSING
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    randomness: RandomnessConfig = field(default_factory=RandomnessConfig)
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "strategy": {"single": SingleDeviceStrategyConfig},
+    "optim": {
+        "sgd": SGDConfig,
+        "adam": AdamConfig,
+        "adamw": AdamWConfig,
+        "multi": MultiOptimConfig,
+    },
+    "scheduler/phase": {
+        "constant": ConstantLRConfig,
+        "step": StepLRConfig,
+        "multistep": MultiStepLRConfig,
+        "cosine": CosineAnnealingLRConfig,
+        "linear": LinearLRConfig,
+        "onecycle": OneCycleLRConfig,
+    },
+    "randomness": {"randomness": RandomnessConfig},
+    "data": {"digits": DigitsDataConfig},
+    "model": {"mlp": MLPConfig},
+    "trainer": {"trainer": TrainerConfig},
+    "tracking": {"mlflow": TrackingConfig},
+}
+
+
+def register_schemas() -> None:
+    """Store every schema under ``schema/<group>/<name>`` for YAML options to extend."""
+    cs = ConfigStore.instance()
+    cs.store(group="schema", name="config", node=XPConfig)
+    for group, options in SCHEMAS.items():
+        for name, node in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)

@@ -1,0 +1,177 @@
+"""Datasets and the loader that batches them in an order fixed by (seed, epoch).
+
+The order of an epoch depends only on (seed, epoch), never on global RNG state, so a
+resumed run can start in the middle of an epoch by skipping indices, without replaying
+data. In-memory ``TensorDataset``s are batched by index slicing, without per-sample
+``__getitem__`` and collation; everything else goes through a ``DataLoader`` fed the
+same index batches, so both paths yield identical batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from xp.randomness import derive_seed, seed_worker
+
+
+@dataclass(frozen=True)
+class Datasets:
+    """What a data factory (the ``data._target_``) returns."""
+
+    train: Dataset
+    val: Dataset | None = None
+    test: Dataset | None = None
+
+
+def digits(*, val_fraction: float = 0.2, split_seed: int = 0) -> Datasets:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), scaled to [0, 1].
+
+    Args:
+        val_fraction: Share of the images held out for validation, stratified by class.
+        split_seed: Seed of the split, fixed so every run validates on the same images.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1.")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    train_idx, val_idx = train_test_split(
+        range(len(y)), test_size=val_fraction, random_state=split_seed, stratify=bunch.target
+    )
+    train_t, val_t = torch.tensor(train_idx), torch.tensor(val_idx)
+    return Datasets(
+        train=TensorDataset(x[train_t], y[train_t]), val=TensorDataset(x[val_t], y[val_t])
+    )
+
+
+class _IndexBatches:
+    """The index batches of the current epoch, from a start position (a batch sampler)."""
+
+    def __init__(self) -> None:
+        self.batches: Sequence[torch.Tensor] = []
+        self.start = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (batch.tolist() for batch in self.batches[self.start :])
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.start
+
+
+class EpochLoader:
+    """Batches of one rank's share of a dataset, one epoch at a time.
+
+    Args:
+        dataset: Any map-style dataset.
+        batch_size: Samples per batch on this rank.
+        shuffle: Shuffle each epoch, in an order given by (seed, epoch).
+        seed: The run's seed.
+        rank: This process's rank.
+        world_size: Number of processes sharing the data.
+        drop_last: Drop the last incomplete batch.
+        pad: Pad the index list so every rank gets the same number of samples (training,
+            as DistributedSampler does); evaluation sets it False so nothing counts twice.
+        num_workers, pin_memory, persistent_workers: As for ``DataLoader``.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        pad: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} must be >= 1.")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0.")
+        self.dataset = dataset
+        self.size = len(dataset)  # type: ignore[arg-type]
+        if self.size == 0:
+            raise ValueError("The dataset is empty; check the data config.")
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.pad = pad
+        self.epoch = 0
+        self._index_batches = _IndexBatches()
+        self._tensors: tuple[torch.Tensor, ...] | None = None
+        self._loader: DataLoader | None = None
+        if isinstance(dataset, TensorDataset) and num_workers == 0:
+            self._tensors = dataset.tensors
+        else:
+            self._generator = torch.Generator()
+            self._loader = DataLoader(
+                dataset,
+                batch_sampler=self._index_batches,  # type: ignore[arg-type]
+                num_workers=num_workers,
+                pin_memory=pin_memory,
+                persistent_workers=persistent_workers and num_workers > 0,
+                worker_init_fn=seed_worker if num_workers > 0 else None,
+                generator=self._generator,
+            )
+        self.set_epoch(0)
+
+    @property
+    def samples_per_rank(self) -> int:
+        if self.pad:
+            return math.ceil(self.size / self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        n = self.samples_per_rank
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fix the order of ``epoch`` (and the worker seeds derived from it)."""
+        self.epoch = epoch
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        if self.pad and self.world_size > 1:
+            total = self.samples_per_rank * self.world_size
+            order += order[: total - len(order)]
+        mine = torch.tensor(order[self.rank :: self.world_size], dtype=torch.long)
+        self._index_batches.batches = mine.split(self.batch_size)[: len(self)]
+        if self._loader is not None:
+            self._generator.manual_seed(derive_seed(self.seed, self.rank, epoch))
+
+    def iter_from(self, start_batch: int = 0) -> Iterator[Any]:
+        """Iterate this epoch's batches, beginning at batch ``start_batch``."""
+        self._index_batches.start = start_batch
+        if self._loader is not None:
+            return iter(self._loader)
+        return self._slice_batches(start_batch)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.iter_from(0)
+
+    def _slice_batches(self, start_batch: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        assert self._tensors is not None
+        tensors = self._tensors
+        for index in self._index_batches.batches[start_batch:]:
+            yield tuple(t[index] for t in tensors)

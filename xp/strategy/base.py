@@ -1,0 +1,711 @@
+"""The strategy: sets up a run's environment, then builds, wraps, saves and loads its parts.
+
+Descended from mmengine's ``BaseStrategy``: the same responsibilities (environment,
+randomness, model, optimizer wrappers, LR schedules and scaling, logger, state dicts,
+load-or-resume, collect_env), with typed inputs, explicit return values and a resume that
+restores RNG state. Subclasses override the small hooks that differ (device, process
+group, model wrapping, collectives, checkpoint I/O), never whole methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import platform
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xp import randomness as rnd
+from xp.checkpoint import Checkpointer, CheckpointError, atomic_save, load_file
+from xp.config import (
+    AutoScaleLRConfig,
+    CompileConfig,
+    Launcher,
+    RandomnessConfig,
+    StartMethod,
+)
+from xp.dist import DistInfo, dist_info, infer_launcher
+from xp.env import collect_system_env
+from xp.log import build_logger
+from xp.optim import (
+    OptimSpec,
+    OptimWrapper,
+    OptimWrapperDict,
+    build_optim_wrapper,
+    build_optim_wrapper_dict,
+)
+from xp.scheduler import LRSchedule, Phase
+
+ModelSource = nn.Module | Callable[[], nn.Module]
+DEFAULT_OPTIM = "default"
+"""The name of the only optimizer of a single-optimizer run (in schedules and state)."""
+
+
+@dataclass(frozen=True)
+class TrainingLength:
+    """How long training runs, in optimizer steps; schedules default their ends to it."""
+
+    epoch_length: int
+    """Optimizer steps per epoch."""
+    total_steps: int
+    """Optimizer steps of the whole run."""
+
+
+@dataclass
+class Prepared:
+    """What :meth:`Strategy.prepare` built."""
+
+    model: nn.Module
+    """The model, on its device, wrapped for the strategy (DDP, FSDP...) and compiled."""
+    optim_wrapper: OptimWrapper | OptimWrapperDict | None = None
+    schedules: dict[str, LRSchedule] = field(default_factory=dict)
+    """One LR schedule per optimizer name (``default`` for a single optimizer)."""
+
+
+class Strategy(ABC):
+    """Base of every strategy.
+
+    Constructing a strategy sets up the environment: launcher and process group, threads
+    per process, multiprocessing start method, the open-file limit, cuDNN flags and seeds.
+    :meth:`teardown` undoes what needs undoing; a strategy is also a context manager.
+
+    Args:
+        log_dir: The run directory (Hydra's run dir): logs, checkpoints, config.
+        experiment_name: Names the experiment (and the folder above ``log_dir``).
+        randomness: Seeds and determinism.
+        launcher: How the processes were started; None infers it from the environment.
+        cudnn_benchmark: Let cuDNN benchmark kernels (off when deterministic).
+        mp_start_method: Start method for worker processes; None keeps the default.
+        threads_per_process: torch threads; None divides the cores among local processes.
+        resource_limit: Raise the soft open-file limit to at least this.
+        compile: ``torch.compile`` settings.
+        auto_scale_lr: Linear LR scaling settings.
+    """
+
+    def __init__(
+        self,
+        *,
+        log_dir: Path | str,
+        experiment_name: str,
+        randomness: RandomnessConfig | None = None,
+        launcher: Launcher | None = None,
+        cudnn_benchmark: bool = False,
+        mp_start_method: StartMethod | None = None,
+        threads_per_process: int | None = None,
+        resource_limit: int = 4096,
+        compile: CompileConfig | None = None,
+        auto_scale_lr: AutoScaleLRConfig | None = None,
+    ) -> None:
+        self._log_dir = Path(log_dir).resolve()
+        self._experiment_name = experiment_name
+        self._randomness = randomness or RandomnessConfig()
+        self._compile = compile or CompileConfig()
+        self._auto_scale_lr = auto_scale_lr or AutoScaleLRConfig()
+        self._env_settings: dict[str, Any] = {
+            "cudnn_benchmark": cudnn_benchmark,
+            "mp_start_method": mp_start_method.value if mp_start_method else None,
+            "threads_per_process": threads_per_process,
+            "resource_limit": resource_limit,
+        }
+        self._info: DistInfo = dist_info(launcher or infer_launcher())
+        self._seed: int = 0
+        self._prepared: Prepared | None = None
+        self._setup_env(
+            cudnn_benchmark=cudnn_benchmark,
+            mp_start_method=mp_start_method,
+            threads_per_process=threads_per_process,
+            resource_limit=resource_limit,
+        )
+        self.logger = self.build_logger()
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def log_dir(self) -> Path:
+        """The run directory: ``<work_dir>/<timestamp>``, the same on every rank."""
+        return self._log_dir
+
+    @property
+    def work_dir(self) -> Path:
+        """The experiment's folder, which holds one run directory per run."""
+        return self._log_dir.parent
+
+    @property
+    def timestamp(self) -> str:
+        """The run's timestamp: the name of its run directory."""
+        return self._log_dir.name
+
+    @property
+    def experiment_name(self) -> str:
+        return self._experiment_name
+
+    @property
+    def launcher(self) -> Launcher:
+        return self._info.launcher
+
+    @property
+    def distributed(self) -> bool:
+        return self._info.distributed
+
+    @property
+    def rank(self) -> int:
+        return self._info.rank
+
+    @property
+    def local_rank(self) -> int:
+        return self._info.local_rank
+
+    @property
+    def world_size(self) -> int:
+        return self._info.world_size
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0: the process that writes files and talks to MLflow."""
+        return self._info.rank == 0
+
+    @property
+    def seed(self) -> int:
+        """The base seed in force (drawn at start-up when ``randomness.seed`` is null)."""
+        return self._seed
+
+    @property
+    def randomness(self) -> RandomnessConfig:
+        return self._randomness
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self._log_dir / "checkpoints"
+
+    # ------------------------------------------------------------------ small parts
+
+    @property
+    @abstractmethod
+    def root_device(self) -> torch.device:
+        """The device this process computes on."""
+
+    @abstractmethod
+    def barrier(self) -> None:
+        """Wait until every process reaches this point."""
+
+    @abstractmethod
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` of rank ``src``, on every rank."""
+
+    @abstractmethod
+    def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        """``tensor`` reduced over every rank with ``op`` (sum or mean); a new tensor."""
+
+    @abstractmethod
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+
+    def _setup_distributed(self) -> None:  # noqa: B027 (a hook: a no-op unless distributed)
+        """Join the process group (distributed strategies)."""
+
+    def _teardown_distributed(self) -> None:  # noqa: B027
+        """Leave the process group (distributed strategies)."""
+
+    def _wrap_model(self, model: nn.Module) -> nn.Module:
+        """Wrap the model for the strategy (DDP, FSDP...); the identity by default."""
+        return model
+
+    def _no_sync(self, model: nn.Module) -> Callable[[], Any] | None:
+        """A context factory that skips gradient sync on accumulating micro-batches."""
+        return None
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The user's module inside whatever :meth:`_wrap_model` put around it."""
+        return getattr(model, "module", model)
+
+    # ------------------------------------------------------------------ environment
+
+    def _setup_env(
+        self,
+        *,
+        cudnn_benchmark: bool,
+        mp_start_method: StartMethod | None,
+        threads_per_process: int | None,
+        resource_limit: int,
+    ) -> None:
+        if mp_start_method is not None:
+            multiprocessing.set_start_method(mp_start_method.value, force=True)
+        torch.set_num_threads(self._threads(threads_per_process))
+        self._raise_open_file_limit(resource_limit)
+        if self._info.distributed:
+            self._setup_distributed()
+        torch.backends.cudnn.benchmark = cudnn_benchmark and not self._randomness.deterministic
+        self._set_randomness()
+
+    def _threads(self, requested: int | None) -> int:
+        if requested is not None:
+            if requested < 1:
+                raise ValueError(
+                    f"strategy.threads_per_process={requested} must be >= 1 (or null to divide "
+                    "the cores among the processes of this machine)."
+                )
+            return requested
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            return max(1, int(os.environ["OMP_NUM_THREADS"]))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, (cores or 1) // max(1, self._info.local_world_size))
+
+    @staticmethod
+    def _raise_open_file_limit(wanted: int) -> None:
+        if platform.system() == "Windows":
+            return
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = (
+            max(wanted, soft) if hard == resource.RLIM_INFINITY else min(max(wanted, soft), hard)
+        )
+        if target != soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+    def _set_randomness(self) -> None:
+        cfg = self._randomness
+        seed = cfg.seed
+        if seed is None:
+            seed = self.broadcast_object(rnd.draw_seed() if self.is_main_process else None)
+        assert seed is not None
+        self._seed = seed + self.rank if cfg.diff_rank_seed else seed
+        rnd.set_deterministic(cfg.deterministic)
+        rnd.seed_everything(self._seed)
+
+    def build_logger(self) -> logging.Logger:
+        """Log to ``<log_dir>/<timestamp>.log`` and the console (rank 0), warnings elsewhere."""
+        return build_logger(self._log_dir / f"{self.timestamp}.log", rank=self.rank)
+
+    def teardown(self) -> None:
+        """Release what :meth:`__init__` acquired (the process group)."""
+        if self._info.distributed:
+            self._teardown_distributed()
+
+    def __enter__(self) -> Strategy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+    # ------------------------------------------------------------------ building
+
+    def prepare(
+        self,
+        model: ModelSource,
+        *,
+        optim: OptimSpec | Mapping[str, OptimSpec] | None = None,
+        schedules: Sequence[Phase] | Mapping[str, Sequence[Phase]] | None = None,
+        length: TrainingLength | None = None,
+        batch_size: int | None = None,
+    ) -> Prepared:
+        """Build the model, its optimizer wrapper(s) and LR schedules, ready to train.
+
+        Args:
+            model: A module, or a factory that builds one (so a strategy can choose where).
+            optim: One optimizer, or several by name (each owning a submodule).
+            schedules: LR phases for every optimizer, or per optimizer name.
+            length: The training length that schedules need; required with ``schedules``.
+            batch_size: Per-process batch size, for ``auto_scale_lr``.
+
+        Returns:
+            The prepared model, optimizer wrapper and schedules (also kept for state dicts).
+        """
+        built = self.build_model(model)
+        built = self._init_weights(built)
+        built = built.to(self.root_device)
+        built = self.compile_model(built)
+        wrapped = self._wrap_model(built)
+        prepared = Prepared(model=wrapped)
+        if optim is not None:
+            prepared.optim_wrapper = self.build_optim_wrapper(optim, wrapped)
+            if self._auto_scale_lr.enabled:
+                self._scale_lr(prepared.optim_wrapper, optim, batch_size)
+            if schedules:
+                if length is None:
+                    raise ValueError("prepare(schedules=...) needs the training length.")
+                prepared.schedules = self.build_schedules(schedules, prepared.optim_wrapper, length)
+        elif schedules:
+            raise ValueError("LR schedules need an optimizer; pass optim= to prepare().")
+        self._prepared = prepared
+        return prepared
+
+    def build_model(self, model: ModelSource) -> nn.Module:
+        """The module itself, or what the factory builds."""
+        built = model if isinstance(model, nn.Module) else model()
+        if not isinstance(built, nn.Module):
+            raise TypeError(
+                f"model._target_ built a {type(built).__name__}, not a torch.nn.Module; point "
+                "model._target_ at a Module class or a function returning one."
+            )
+        return built
+
+    def _init_weights(self, model: nn.Module) -> nn.Module:
+        init = getattr(model, "init_weights", None)
+        if callable(init):
+            init()
+        return model
+
+    def compile_model(self, model: nn.Module) -> nn.Module:
+        """``torch.compile`` the configured method of the model, when enabled."""
+        cfg = self._compile
+        if not cfg.enabled:
+            return model
+        method = getattr(model, cfg.target, None)
+        if not callable(method):
+            raise ValueError(
+                f"strategy.compile.target={cfg.target!r} is not a method of "
+                f"{type(model).__name__}; use forward or another method name."
+            )
+        kwargs: dict[str, Any] = {"fullgraph": cfg.fullgraph, "dynamic": cfg.dynamic}
+        if cfg.mode is not None:
+            kwargs["mode"] = cfg.mode
+        setattr(model, cfg.target, torch.compile(method, **kwargs))
+        self.logger.info(
+            "Compiled %s.%s; the first steps will be slow.", type(model).__name__, cfg.target
+        )
+        return model
+
+    def build_optim_wrapper(
+        self, optim: OptimSpec | Mapping[str, OptimSpec], model: nn.Module
+    ) -> OptimWrapper | OptimWrapperDict:
+        """One optimizer wrapper, or an :class:`OptimWrapperDict` for named optimizers."""
+        module = self.unwrap(model)
+        no_sync = self._no_sync(model)
+        device_type = self.root_device.type
+        if isinstance(optim, OptimSpec):
+            return build_optim_wrapper(
+                optim.factory, module, optim.settings, device_type=device_type, no_sync=no_sync
+            )
+        if not optim:
+            raise ValueError("optim.optimizers is empty; name at least one optimizer.")
+        missing = [name for name, spec in optim.items() if not spec.settings.params]
+        if missing:
+            raise ValueError(
+                f"optim.optimizers.{missing[0]}.params is not set; with several optimizers each "
+                "names the submodule it owns."
+            )
+        return build_optim_wrapper_dict(
+            {name: spec.factory for name, spec in optim.items()},
+            module,
+            {name: spec.settings for name, spec in optim.items()},
+            device_type=device_type,
+            no_sync=no_sync,
+        )
+
+    def _scale_lr(
+        self,
+        wrapper: OptimWrapper | OptimWrapperDict,
+        optim: OptimSpec | Mapping[str, OptimSpec],
+        batch_size: int | None,
+    ) -> None:
+        cfg = self._auto_scale_lr
+        if batch_size is None:
+            raise ValueError("strategy.auto_scale_lr.enabled needs the batch size in prepare().")
+        if cfg.base_batch_size < 1:
+            raise ValueError(
+                f"strategy.auto_scale_lr.base_batch_size={cfg.base_batch_size} must be >= 1."
+            )
+        spec = optim if isinstance(optim, OptimSpec) else next(iter(optim.values()))
+        # The batch one optimizer step sees: every rank's micro-batches of one window.
+        real = self.world_size * batch_size * spec.settings.accumulative_counts
+        ratio = real / cfg.base_batch_size
+        wrappers = [wrapper] if isinstance(wrapper, OptimWrapper) else list(wrapper.values())
+        for w in wrappers:
+            w.scale_lr(ratio)
+        self.logger.info(
+            "auto_scale_lr: lr tuned for batch %d, real batch %d (world %d x %d x accumulation %d);"
+            " scaled by %.4g.",
+            cfg.base_batch_size,
+            real,
+            self.world_size,
+            batch_size,
+            spec.settings.accumulative_counts,
+            ratio,
+        )
+
+    def build_schedules(
+        self,
+        schedules: Sequence[Phase] | Mapping[str, Sequence[Phase]],
+        wrapper: OptimWrapper | OptimWrapperDict,
+        length: TrainingLength,
+    ) -> dict[str, LRSchedule]:
+        """One :class:`LRSchedule` per optimizer (the same phases for all, or per name)."""
+        wrappers = (
+            {DEFAULT_OPTIM: wrapper} if isinstance(wrapper, OptimWrapper) else dict(wrapper.items())
+        )
+        if isinstance(schedules, Mapping):
+            unknown = sorted(set(schedules) - set(wrappers))
+            if unknown:
+                raise ValueError(
+                    f"scheduler has schedules for {unknown}, which are not optimizers; "
+                    f"the optimizers are {sorted(wrappers)}."
+                )
+            per_optim = {name: schedules.get(name, ()) for name in wrappers}
+        else:
+            per_optim = {name: schedules for name in wrappers}
+        return {
+            name: LRSchedule(
+                wrappers[name].optimizer,
+                phases,
+                epoch_length=length.epoch_length,
+                total_steps=length.total_steps,
+            )
+            for name, phases in per_optim.items()
+            if phases
+        }
+
+    # ------------------------------------------------------------------ device
+
+    def to_device(self, batch: Any) -> Any:
+        """Move a batch (tensors in tuples, lists and dicts) to :attr:`root_device`."""
+        device = self.root_device
+        if device.type == "cpu":
+            return batch
+        return _move(batch, device)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def prepared(self) -> Prepared:
+        if self._prepared is None:
+            raise RuntimeError("Call prepare() before saving or loading state.")
+        return self._prepared
+
+    def model_state_dict(self) -> dict[str, Any]:
+        """The user's module's state (without wrapper prefixes)."""
+        return self.unwrap(self.prepared.model).state_dict()
+
+    def optim_state_dict(self) -> dict[str, Any]:
+        wrapper = self.prepared.optim_wrapper
+        return wrapper.state_dict() if wrapper is not None else {}
+
+    def scheduler_state_dict(self) -> dict[str, Any]:
+        return {name: s.state_dict() for name, s in self.prepared.schedules.items()}
+
+    def load_model_state_dict(
+        self,
+        state: Mapping[str, Any],
+        *,
+        strict: bool = True,
+        revise_keys: Sequence[tuple[str, str]] = ((r"^module\.", ""),),
+    ) -> None:
+        """Load model weights, rewriting key prefixes first (a leading ``module.`` by default).
+
+        Raises:
+            CheckpointError: with ``strict``, when keys or shapes do not match.
+        """
+        revised = dict(state)
+        for pattern, repl in revise_keys:
+            revised = {re.sub(pattern, repl, k): v for k, v in revised.items()}
+        module = self.unwrap(self.prepared.model)
+        own = module.state_dict()
+        mismatched = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in revised.items()
+            if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+        ]
+        missing = sorted(set(own) - set(revised))
+        unexpected = sorted(set(revised) - set(own))
+        if strict and (mismatched or missing or unexpected):
+            raise CheckpointError(
+                "The checkpoint does not fit this model: "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"shape mismatch {mismatched[:5]}" if mismatched else "",
+                        f"missing {missing[:5]}" if missing else "",
+                        f"unexpected {unexpected[:5]}" if unexpected else "",
+                    )
+                    if part
+                )
+                + ". Use the model config the checkpoint was trained with."
+            )
+        if mismatched:
+            bad = {m.split(":")[0] for m in mismatched}
+            revised = {k: v for k, v in revised.items() if k not in bad}
+        module.load_state_dict(revised, strict=False)
+        if missing or unexpected or mismatched:
+            self.logger.warning(
+                "Loaded weights partially: missing %s, unexpected %s, skipped (shape) %s.",
+                missing[:10],
+                unexpected[:10],
+                mismatched[:10],
+            )
+
+    def load_optim_state_dict(self, state: Mapping[str, Any]) -> None:
+        wrapper = self.prepared.optim_wrapper
+        if wrapper is not None:
+            wrapper.load_state_dict(dict(state))
+
+    def load_scheduler_state_dict(self, state: Mapping[str, Any]) -> None:
+        schedules = self.prepared.schedules
+        if set(state) != set(schedules):
+            raise CheckpointError(
+                f"The checkpoint has LR schedules for {sorted(state)}, this run for "
+                f"{sorted(schedules)}; resume with the scheduler config it was saved with."
+            )
+        for name, schedule in schedules.items():
+            schedule.load_state_dict(state[name])
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(
+        self,
+        path: Path,
+        *,
+        extra: Mapping[str, Any] | None = None,
+        save_optimizer: bool = True,
+        save_schedulers: bool = True,
+    ) -> Path:
+        """Save model, optimizer(s), schedules, every rank's RNG state and ``extra``.
+
+        Every rank must call it (RNG states are gathered); rank 0 writes the file.
+        """
+        state: dict[str, Any] = {"model": self.model_state_dict()}
+        if save_optimizer:
+            state["optim"] = self.optim_state_dict()
+        if save_schedulers:
+            state["schedulers"] = self.scheduler_state_dict()
+        state["rng"] = self.all_gather_object(rnd.rng_state())
+        state["meta"] = {
+            "world_size": self.world_size,
+            "seed": self.seed,
+            "torch": torch.__version__,
+            "strategy": type(self).__name__,
+        }
+        state.update(extra or {})
+        self._write_checkpoint(state, Path(path))
+        return Path(path)
+
+    def _write_checkpoint(self, state: dict[str, Any], path: Path) -> None:
+        """Write a single-file checkpoint from rank 0."""
+        if self.is_main_process:
+            atomic_save(state, path)
+        self.barrier()
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
+        return load_file(path)
+
+    def load_checkpoint(
+        self,
+        path: Path,
+        *,
+        strict: bool = True,
+        revise_keys: Sequence[tuple[str, str]] = ((r"^module\.", ""),),
+    ) -> dict[str, Any]:
+        """Load only the model weights of a checkpoint (fine-tuning); returns the checkpoint."""
+        checkpoint = self._read_checkpoint(Path(path))
+        if "model" not in checkpoint:
+            raise CheckpointError(
+                f"Checkpoint {path} has no model state; it was not written by xp."
+            )
+        self.load_model_state_dict(checkpoint["model"], strict=strict, revise_keys=revise_keys)
+        self.logger.info("Loaded model weights from %s.", path)
+        return checkpoint
+
+    def resume(
+        self,
+        path: Path,
+        *,
+        resume_optimizer: bool = True,
+        resume_schedulers: bool = True,
+    ) -> dict[str, Any]:
+        """Restore model, optimizer(s), schedules and RNG state; returns the checkpoint.
+
+        The caller continues from the trainer progress it saved in the checkpoint.
+        """
+        checkpoint = self.load_checkpoint(path, strict=True)
+        if resume_optimizer and "optim" in checkpoint:
+            self.load_optim_state_dict(checkpoint["optim"])
+        if resume_schedulers and "schedulers" in checkpoint:
+            self.load_scheduler_state_dict(checkpoint["schedulers"])
+        states = checkpoint.get("rng") or []
+        if self.rank < len(states):
+            rnd.set_rng_state(states[self.rank])
+        else:
+            self.logger.warning(
+                "The checkpoint holds RNG states for %d ranks, this run has %d; ranks without "
+                "one keep their fresh seeds.",
+                len(states),
+                self.world_size,
+            )
+        self.logger.info("Resumed from %s.", path)
+        return checkpoint
+
+    def load_or_resume(
+        self, *, load_from: Path | None = None, resume: bool | Path = False
+    ) -> dict[str, Any] | None:
+        """mmengine's rule: resume wins over load_from; ``resume=True`` finds the latest.
+
+        Args:
+            load_from: A checkpoint whose weights start the run (nothing else restored).
+            resume: A checkpoint to resume from, or True for the newest checkpoint of any
+                run of this experiment (``load_from`` when given).
+
+        Returns:
+            The loaded checkpoint, or None when there was nothing to load.
+        """
+        if resume is True:
+            found = Path(load_from) if load_from is not None else self.find_latest_checkpoint()
+            if found is None:
+                self.logger.info(
+                    "resume=True but no checkpoint under %s; starting fresh.", self.work_dir
+                )
+                return None
+            return self.resume(found)
+        if resume:
+            return self.resume(Path(resume))
+        if load_from is not None:
+            return self.load_checkpoint(Path(load_from), strict=False)
+        return None
+
+    def find_latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint of any run of this experiment."""
+        candidates = (
+            [
+                path
+                for run_dir in self.work_dir.iterdir()
+                if run_dir.is_dir()
+                for path in Checkpointer(run_dir / "checkpoints").list()[-1:]
+            ]
+            if self.work_dir.is_dir()
+            else []
+        )
+        return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+    # ------------------------------------------------------------------ environment info
+
+    def collect_env(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """System facts and this run's runtime settings."""
+        system = collect_system_env(Path(os.environ.get("XP_LAUNCH_DIR", os.getcwd())))
+        runtime: dict[str, Any] = {
+            **self._env_settings,
+            "threads": torch.get_num_threads(),
+            "randomness": {**asdict(self._randomness), "seed_in_force": self.seed},
+            "launcher": self.launcher.value,
+            "distributed": self.distributed,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "device": str(self.root_device),
+            "strategy": type(self).__name__,
+        }
+        return system, runtime
+
+
+def _move(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: _move(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return type(obj)(_move(v, device) for v in obj)
+    return obj
