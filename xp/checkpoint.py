@@ -7,6 +7,7 @@ therefore leaves the previous checkpoint as the latest one.
 
 from __future__ import annotations
 
+import builtins
 import os
 import pickle
 import re
@@ -98,7 +99,7 @@ class Checkpointer:
         """The file name of the checkpoint taken after ``step`` optimizer steps."""
         return self.directory / f"step_{step:08d}.pt"
 
-    def list(self) -> list[Path]:
+    def list(self) -> builtins.list[Path]:
         """Complete checkpoints, oldest first."""
         if not self.directory.is_dir():
             return []
@@ -112,9 +113,9 @@ class Checkpointer:
         found = self.list()
         return found[-1] if found else None
 
-    def prune(self) -> list[Path]:
+    def prune(self) -> builtins.list[Path]:
         """Delete all but the ``keep`` newest checkpoints and any stale temporary files."""
-        removed: list[Path] = []
+        removed: builtins.list[Path] = []
         if self.keep:
             for path in self.list()[: -self.keep]:
                 _remove(path)

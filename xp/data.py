@@ -123,7 +123,7 @@ class EpochLoader:
             self._generator = torch.Generator()
             self._loader = DataLoader(
                 dataset,
-                batch_sampler=self._index_batches,  # type: ignore[arg-type]
+                batch_sampler=self._index_batches,
                 num_workers=num_workers,
                 pin_memory=pin_memory,
                 persistent_workers=persistent_workers and num_workers > 0,

@@ -44,7 +44,7 @@ def rng_state() -> dict[str, Any]:
         "python": {"version": version, "state": list(internal), "gauss": gauss},
         "numpy": {
             "algorithm": mt,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached),

@@ -59,10 +59,9 @@ def launch_dir() -> Path:
 # --------------------------------------------------------------------------- builders
 
 
-def _plain(node: Any) -> Any:
-    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
-    return node
+def _plain(node: DictConfig) -> dict[str, Any]:
+    """A resolved plain dict: lists stay lists and enums become strings (weights_only-safe)."""
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
 def build_factory(node: DictConfig, schema: type, key: str) -> partial[Any]:
@@ -124,11 +123,11 @@ def build_phases(node: DictConfig) -> list[Phase] | dict[str, list[Phase]]:
     def phases(mapping: DictConfig, prefix: str) -> list[Phase]:
         built = []
         for name, sub in mapping.items():
-            key = f"{prefix}.{name}"
+            key = f"{prefix}.{name!s}"
             if not isinstance(sub, DictConfig) or "_target_" not in sub:
                 raise ValueError(
                     f"{key} is not an LR phase (it has no _target_); extend a phase schema, e.g. "
-                    f"defaults: [/schema/scheduler/phase/cosine@{name}]."
+                    f"defaults: [/schema/scheduler/phase/cosine@{name!s}]."
                 )
             settings: PhaseConfig = OmegaConf.to_object(sub)  # type: ignore[assignment]
             built.append(
@@ -145,7 +144,7 @@ def build_phases(node: DictConfig) -> list[Phase] | dict[str, list[Phase]]:
 
     if all(isinstance(v, DictConfig) and "_target_" in v for v in node.values()):
         return phases(node, "scheduler")
-    return {str(name): phases(sub, f"scheduler.{name}") for name, sub in node.items()}
+    return {str(name): phases(sub, f"scheduler.{name!s}") for name, sub in node.items()}
 
 
 def build_loaders(
@@ -188,7 +187,7 @@ def build_tracker(
         experiment_name=cfg.experiment_name,
         run_name=strategy.timestamp,
         tags=tags,
-        params=flatten_params(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)),
+        params=flatten_params(_plain(cfg)),
         artifact_location=default_artifact_location(uri, launch_dir()),
         logger=strategy.logger,
     )

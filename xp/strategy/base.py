@@ -579,7 +579,7 @@ class Strategy(ABC):
         state["meta"] = {
             "world_size": self.world_size,
             "seed": self.seed,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),  # a TorchVersion, which weights_only refuses
             "strategy": type(self).__name__,
         }
         state.update(extra or {})

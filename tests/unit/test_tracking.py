@@ -1,0 +1,493 @@
+"""xp.tracking against real MLflow stores: a SQLite file, and one real server (slow)."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from xp.config import TrackingConfig
+from xp.tracking import (
+    MAX_ENTITY_KEY_LENGTH,
+    MAX_PARAM_VAL_LENGTH,
+    MlflowTracker,
+    TrackingError,
+    default_artifact_location,
+    default_tracking_uri,
+    flatten_params,
+)
+
+FAST = TrackingConfig(flush_interval_s=0.05)
+
+
+@pytest.fixture
+def log() -> logging.Logger:
+    """A logger that reaches caplog whatever other tests did to the ``xp`` logger."""
+    logger = logging.getLogger("tests.tracking")
+    logger.propagate = True
+    return logger
+
+
+def make_tracker(uri: str, tmp_path: Path, log: logging.Logger, **kwargs: object) -> MlflowTracker:
+    options: dict = {
+        "tracking_uri": uri,
+        "experiment_name": "exp",
+        "run_name": "run",
+        "artifact_location": default_artifact_location(uri, tmp_path),
+        "logger": log,
+    }
+    options.update(kwargs)
+    settings = options.pop("settings", FAST)
+    return MlflowTracker(settings, **options)  # type: ignore[arg-type]
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for info in client.list_artifacts(run_id, path):
+        if info.is_dir:
+            found |= artifact_paths(client, run_id, info.path)
+        else:
+            found.add(info.path)
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_run_holds_every_param_tag_and_metric_point(
+    mlflow_uri: str, tmp_path: Path, log: logging.Logger
+) -> None:
+    config = {f"group{i}": {"value": i, "name": f"n{i}"} for i in range(80)}
+    config["long"] = {"text": "x" * 10_000}
+    params = flatten_params(config)
+    assert len(params) > 100
+    tracker = make_tracker(
+        mlflow_uri, tmp_path, log, params=params, tags={"xp.git_commit": "abc123"}
+    )
+    tracker.start()
+    for step in range(2000):
+        tracker.log_metrics({"train/loss": step * 0.5, "train/acc": step / 2000}, step=step)
+    tracker.set_tags({"xp.late": "yes"})
+    tracker.close()
+
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "run"
+    assert history(client, tracker.run_id, "train/loss") == [(s, s * 0.5) for s in range(2000)]
+    assert history(client, tracker.run_id, "train/acc") == [(s, s / 2000) for s in range(2000)]
+    assert run.data.params == params
+    assert len(run.data.params["long.text"]) == MAX_PARAM_VAL_LENGTH
+    assert run.data.params["long.text"].endswith("...")
+    assert run.data.tags["xp.git_commit"] == "abc123"
+    assert run.data.tags["xp.late"] == "yes"
+    assert tracker.unwritten_metrics == 0
+    # Artifacts of a SQLite store go under the launch dir's outputs/, not ./mlruns.
+    assert run.info.artifact_uri.startswith((tmp_path / "outputs" / "mlartifacts").as_uri())
+
+
+def test_metric_values_may_be_0dim_tensors(
+    mlflow_uri: str, tmp_path: Path, log: logging.Logger
+) -> None:
+    torch = pytest.importorskip("torch")
+    tracker = make_tracker(mlflow_uri, tmp_path, log)
+    tracker.start()
+    for step in range(3):
+        loss = torch.tensor(0.25 * step, requires_grad=True) * 2
+        tracker.log_metrics({"train/loss": loss.detach(), "train/lr": 0.1}, step=step)
+    tracker.close()
+
+    client = MlflowClient(mlflow_uri)
+    assert history(client, tracker.run_id, "train/loss") == [(0, 0.0), (1, 0.5), (2, 1.0)]
+    assert history(client, tracker.run_id, "train/lr") == [(0, 0.1), (1, 0.1), (2, 0.1)]
+
+
+def test_bad_metric_keys_and_values_are_dropped_with_a_warning(
+    mlflow_uri: str, tmp_path: Path, log: logging.Logger, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker = make_tracker(mlflow_uri, tmp_path, log)
+    tracker.start()
+    tracker.log_metrics({"train/loss": 1.0, "bad key?": 2.0, "val/acc": "n/a"}, step=0)  # type: ignore[dict-item]
+    tracker.close()
+
+    client = MlflowClient(mlflow_uri)
+    assert history(client, tracker.run_id, "train/loss") == [(0, 1.0)]
+    assert "'bad key?' is not valid" in caplog.text
+    assert "'val/acc' got 'str'" in caplog.text
+    assert tracker.unwritten_metrics == 2
+
+
+def test_artifacts_and_checkpoints_land_in_the_run(
+    mlflow_uri: str, tmp_path: Path, log: logging.Logger
+) -> None:
+    (tmp_path / "config.yaml").write_text("a: 1\n")
+    report = tmp_path / "report"
+    (report / "sub").mkdir(parents=True)
+    (report / "summary.txt").write_text("ok")
+    (report / "sub" / "plot.csv").write_text("1,2")
+    small = tmp_path / "step_00000010.pt"
+    small.write_bytes(b"\0" * 1024)
+    sharded = tmp_path / "step_00000020"
+    sharded.mkdir()
+    (sharded / "rank0.pt").write_bytes(b"\0" * 1024)
+    big = tmp_path / "step_00000030.pt"
+    big.write_bytes(b"\0" * 4 * 2**20)
+
+    settings = TrackingConfig(flush_interval_s=0.05, checkpoint_artifact_max_mb=1.0)
+    tracker = make_tracker(mlflow_uri, tmp_path, log, settings=settings)
+    tracker.start()
+    tracker.log_artifact(tmp_path / "config.yaml")
+    tracker.log_artifact(tmp_path / "config.yaml", artifact_path="hydra")
+    tracker.log_artifacts(report, artifact_path="report")
+    tracker.log_checkpoint(small)
+    tracker.log_checkpoint(sharded)
+    tracker.log_checkpoint(big)
+    tracker.close()
+
+    client = MlflowClient(mlflow_uri)
+    assert artifact_paths(client, tracker.run_id) == {
+        "config.yaml",
+        "hydra/config.yaml",
+        "report/summary.txt",
+        "report/sub/plot.csv",
+        "checkpoints/step_00000010.pt",
+        "checkpoints/step_00000020/rank0.pt",
+    }
+    tags = client.get_run(tracker.run_id).data.tags
+    assert tags["xp.checkpoint_location"] == str(big.absolute())
+
+
+def test_logging_a_missing_file_fails_at_the_call(
+    mlflow_uri: str, tmp_path: Path, log: logging.Logger
+) -> None:
+    tracker = make_tracker(mlflow_uri, tmp_path, log)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        tracker.log_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(NotADirectoryError, match="log_artifact for a single file"):
+        (tmp_path / "file.txt").write_text("x")
+        tracker.log_artifacts(tmp_path / "file.txt")
+
+
+def test_failed_run_records_the_error(mlflow_uri: str, tmp_path: Path, log: logging.Logger) -> None:
+    error = "Traceback (most recent call last):\n" + "  frame\n" * 2000 + "ValueError: boom"
+    tracker = make_tracker(mlflow_uri, tmp_path, log)
+    tracker.start()
+    tracker.log_metrics({"train/loss": 1.0}, step=1)
+    tracker.close("FAILED", error=error)
+    tracker.close("FINISHED")  # idempotent: the first status stays
+
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["xp.error"] == error[:5000]
+    local = client.download_artifacts(tracker.run_id, "error.txt", str(tmp_path / "dl"))
+    assert Path(local).read_text() == error
+    assert history(client, tracker.run_id, "train/loss") == [(1, 1.0)]
+
+
+def test_killed_run_and_bad_status(mlflow_uri: str, tmp_path: Path, log: logging.Logger) -> None:
+    tracker = make_tracker(mlflow_uri, tmp_path, log)
+    tracker.start()
+    with pytest.raises(ValueError, match="FINISHED, FAILED, KILLED"):
+        tracker.close("DONE")
+    tracker.close("KILLED")
+    assert MlflowClient(mlflow_uri).get_run(tracker.run_id).info.status == "KILLED"
+
+
+def test_reopened_run_continues(
+    mlflow_uri: str, tmp_path: Path, log: logging.Logger, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = make_tracker(mlflow_uri, tmp_path, log, params={"optim.lr": "0.1"})
+    first.start()
+    first.log_metrics({"train/loss": 3.0}, step=10)
+    first.close()
+
+    client = MlflowClient(mlflow_uri)
+    again = make_tracker(
+        mlflow_uri,
+        tmp_path,
+        log,
+        run_id=first.run_id,
+        params={"optim.lr": "0.2", "trainer.max_epochs": "40"},
+    )
+    again.start()
+    again.wait_ready(timeout=30)
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    again.log_metrics({"train/loss": 2.0}, step=20)
+    again.close()
+
+    run = client.get_run(first.run_id)
+    assert again.run_id == first.run_id
+    assert run.info.status == "FINISHED"
+    assert history(client, first.run_id, "train/loss") == [(10, 3.0), (20, 2.0)]
+    assert run.data.params == {"optim.lr": "0.1", "trainer.max_epochs": "40"}
+    assert "optim.lr: '0.1' -> '0.2'" in caplog.text
+    assert len(client.search_runs(run.info.experiment_id)) == 1
+
+
+def test_transient_write_failures_are_retried_without_loss(
+    mlflow_uri: str,
+    tmp_path: Path,
+    log: logging.Logger,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tracker = make_tracker(mlflow_uri, tmp_path, log)
+    tracker.start()
+    tracker.wait_ready(timeout=30)
+    failures = iter(range(3))
+    real = MlflowClient.log_batch
+
+    def flaky(self: MlflowClient, *args: object, **kwargs: object) -> object:
+        if next(failures, None) is not None:
+            raise MlflowException("API request failed: connection refused")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+    for step in range(50):
+        tracker.log_metrics({"train/loss": float(step)}, step=step)
+        time.sleep(0.005)
+    tracker.close()
+
+    client = MlflowClient(mlflow_uri)
+    assert history(client, tracker.run_id, "train/loss") == [(s, float(s)) for s in range(50)]
+    assert caplog.text.count("keeps everything queued") == 1
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_run_that_cannot_be_created_fails_on_the_training_thread(
+    mlflow_uri: str, tmp_path: Path, log: logging.Logger
+) -> None:
+    client = MlflowClient(mlflow_uri)
+    client.delete_experiment(client.create_experiment("gone"))
+    tracker = make_tracker(mlflow_uri, tmp_path, log, experiment_name="gone")
+    tracker.start()
+    with pytest.raises(TrackingError, match="deleted experiment.*mlflow experiments restore"):
+        tracker.wait_ready(timeout=30)
+    with pytest.raises(TrackingError, match="deleted experiment"):
+        tracker.log_metrics({"train/loss": 1.0}, step=0)
+    tracker.close("FAILED")  # already said: close() does not raise it again
+
+
+def test_unusable_store_is_raised_by_close_when_nothing_else_did(
+    tmp_path: Path, log: logging.Logger
+) -> None:
+    not_a_db = tmp_path / "mlflow.db"
+    not_a_db.write_text("these are notes, not a database\n" * 100)
+    uri = f"sqlite:///{not_a_db.as_posix()}"
+    tracker = make_tracker(uri, tmp_path, log)
+    tracker.start()
+    with pytest.raises(TrackingError, match=f"could not be created in {uri}"):
+        tracker.close()
+
+
+def test_unreachable_server_fails_at_start(tmp_path: Path, log: logging.Logger) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    tracker = make_tracker(uri, tmp_path, log)
+    with pytest.raises(TrackingError, match=f"{uri}.*mlflow server --host 127.0.0.1"):
+        tracker.start()
+
+
+def test_system_metrics_are_recorded(
+    mlflow_uri: str, tmp_path: Path, log: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("psutil")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    settings = TrackingConfig(flush_interval_s=0.05, system_metrics=True)
+    tracker = make_tracker(mlflow_uri, tmp_path, log, settings=settings)
+    tracker.start()
+    tracker.wait_ready(timeout=30)
+    time.sleep(0.5)
+    tracker.close()
+
+    metrics = MlflowClient(mlflow_uri).get_run(tracker.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics
+
+
+@pytest.mark.slow
+def test_real_server_then_server_dies(
+    mlflow_uri: str,
+    tmp_path: Path,
+    log: logging.Logger,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Restored after the test: the tracker sets MLflow's HTTP retry defaults.
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
+    with mlflow_server(mlflow_uri, tmp_path) as (uri, server):
+        tracker = make_tracker(uri, tmp_path, log, artifact_location=None)
+        tracker.start()
+        for step in range(100):
+            tracker.log_metrics({"train/loss": float(step)}, step=step)
+        (tmp_path / "config.yaml").write_text("a: 1\n")
+        tracker.log_artifact(tmp_path / "config.yaml")
+        deadline = time.monotonic() + 30
+        while len(history(MlflowClient(mlflow_uri), tracker.run_id, "train/loss")) < 100:
+            assert time.monotonic() < deadline, "metrics did not reach the server"
+            time.sleep(0.1)
+        while not artifact_paths(MlflowClient(uri), tracker.run_id):
+            assert time.monotonic() < deadline, "the artifact did not reach the server"
+            time.sleep(0.1)
+
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        for step in range(100, 150):
+            tracker.log_metrics({"train/loss": float(step)}, step=step)
+        tracker.close()
+
+    assert tracker.unwritten_metrics == 50
+    assert "50 metric points and 0 tag/artifact writes could not be written" in caplog.text
+    assert "still shows RUNNING" in caplog.text
+    stored = history(MlflowClient(mlflow_uri), tracker.run_id, "train/loss")
+    assert stored == [(s, float(s)) for s in range(100)]
+
+
+class mlflow_server:
+    """``mlflow server`` on a free local port over ``backend_uri``; killed on exit."""
+
+    def __init__(self, backend_uri: str, tmp_path: Path) -> None:
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
+        self.log = tmp_path / "server.log"
+
+    def __enter__(self) -> tuple[str, subprocess.Popen[bytes]]:
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(
+                self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1):
+                    return self.uri, self.process
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    pytest.fail(f"mlflow server did not start:\n{self.log.read_text()[-3000:]}")
+                time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------- params
+
+
+class Color(str, enum.Enum):
+    red = "red"
+
+
+def test_flatten_params() -> None:
+    flat = flatten_params(
+        {
+            "optim": {"lr": 0.001, "betas": (0.9, 0.999), "clip_grad": {"max_norm": None}},
+            "model": {"hidden_sizes": [128, 128], "colors": [Color.red]},
+            "strategy": {"device": Color.red},
+            "scheduler": {},
+            "stages": [{"name": "warmup", "epochs": 2}, {"name": "main", "epochs": 10}],
+            "weird key!": {"x@y": 1},
+            "long": "v" * (MAX_PARAM_VAL_LENGTH + 1),
+            "k" * 300: 1,
+        }
+    )
+    assert flat["optim.lr"] == "0.001"
+    assert flat["optim.betas"] == "[0.9, 0.999]"
+    assert flat["optim.clip_grad.max_norm"] == "None"
+    assert flat["model.hidden_sizes"] == "[128, 128]"
+    assert flat["model.colors"] == "['red']"
+    assert flat["strategy.device"] == "red"
+    assert flat["scheduler"] == "{}"
+    assert flat["stages.0.name"] == "warmup"
+    assert flat["stages.1.epochs"] == "10"
+    assert flat["weird key_.x_y"] == "1"
+    assert flat["long"] == "v" * (MAX_PARAM_VAL_LENGTH - 3) + "..."
+    assert flat["k" * (MAX_ENTITY_KEY_LENGTH - 3) + "..."] == "1"
+
+
+def test_copied_limits_match_mlflow() -> None:
+    from mlflow.utils import validation
+
+    from xp import tracking
+
+    for name in (
+        "MAX_PARAM_VAL_LENGTH",
+        "MAX_TAG_VAL_LENGTH",
+        "MAX_ENTITY_KEY_LENGTH",
+        "MAX_PARAMS_TAGS_PER_BATCH",
+        "MAX_METRICS_PER_BATCH",
+    ):
+        assert getattr(tracking, name) == getattr(validation, name), name
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_default_tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = default_tracking_uri(tmp_path)
+    assert uri == f"sqlite:///{tmp_path.as_posix()}/outputs/mlflow.db"
+    assert (tmp_path / "outputs").is_dir()
+    assert default_artifact_location(uri, tmp_path) == (tmp_path / "outputs/mlartifacts").as_uri()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert default_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+    assert default_artifact_location("http://127.0.0.1:5000", tmp_path) is None
+
+
+@pytest.mark.slow
+def test_importing_tracking_stays_light() -> None:
+    code = (
+        "import sys, xp.tracking; "
+        "print(sorted({'mlflow', 'torch', 'omegaconf', 'hydra'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
