@@ -188,7 +188,7 @@ def build_tracker(
         run_name=strategy.timestamp,
         tags=tags,
         params=flatten_params(_plain(cfg)),
-        artifact_location=default_artifact_location(uri, launch_dir()),
+        artifact_location=default_artifact_location(uri, cfg.experiment_name),
         logger=strategy.logger,
     )
 

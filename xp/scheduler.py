@@ -198,7 +198,8 @@ def _class_and_kwargs(phase: Phase) -> tuple[type, dict[str, Any]]:
     return target, {k: v.value if isinstance(v, Enum) else v for k, v in kwargs.items()}
 
 
-def _resolve(phase: Phase, *, epoch_length: int, total_steps: int) -> _Window:
+def _resolve(phase: Phase, *, epoch_length: int, total_steps: int) -> _Window | None:
+    """The phase's window in its stepping unit, or None when it opens after training ends."""
     name = phase.name
     cls, kwargs = _class_and_kwargs(phase)
     spec = next((_SPECS[c] for c in cls.__mro__ if c in _SPECS), None)
@@ -237,10 +238,26 @@ def _resolve(phase: Phase, *, epoch_length: int, total_steps: int) -> _Window:
     end = total if phase.end is None else phase.end
     if begin < 0:
         raise ValueError(f"{name}.begin={begin} is negative; set {name}.begin >= 0.")
+    if phase.end is not None and begin < end and begin >= total:
+        # A short smoke run (trainer.max_epochs=1) must not fail on the full run's schedule.
+        warnings.warn(
+            f"{name} begins at {begin} {unit}, after training ends ({total} {unit}); it is "
+            "skipped.",
+            stacklevel=3,
+        )
+        return None
+    if phase.end is None and begin >= total:
+        warnings.warn(
+            f"{name} begins at {begin} {unit}, after training ends ({total} {unit}); it is "
+            "skipped.",
+            stacklevel=3,
+        )
+        return None
     if end > total:
-        raise ValueError(
-            f"{name}.end={end} is beyond the end of training ({total} {unit}); set "
-            f"{name}.end <= {total}, or null for the end of training."
+        warnings.warn(
+            f"Training ends ({total} {unit}) inside {name}'s window [{begin}, {end}); the "
+            "phase keeps its shape and does not finish.",
+            stacklevel=3,
         )
     if begin >= end:
         end_key = f"{name}.end={end}" if phase.end is not None else f"the end of training ({end})"
@@ -332,9 +349,8 @@ class LRSchedule:
             group.setdefault("initial_lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
         # Kept apart from group["initial_lr"], which OneCycleLR overwrites with max_lr / div_factor.
         self._base_lrs = [float(g["initial_lr"]) for g in optimizer.param_groups]
-        self._windows = [
-            _resolve(p, epoch_length=epoch_length, total_steps=total_steps) for p in phases
-        ]
+        resolved = (_resolve(p, epoch_length=epoch_length, total_steps=total_steps) for p in phases)
+        self._windows = [w for w in resolved if w is not None]
         scratch = _ScratchOptimizer(optimizer)
         for window in self._windows:
             _try_build(window, scratch)

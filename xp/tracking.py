@@ -101,16 +101,19 @@ def default_tracking_uri(launch_dir: Path) -> str:
     return f"sqlite:///{(outputs / 'mlflow.db').as_posix()}"
 
 
-def default_artifact_location(tracking_uri: str, launch_dir: Path) -> str | None:
+def default_artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
     """Where a new experiment keeps its artifacts, or None to let the store decide.
 
-    A SQLite store gets ``<launch_dir>/outputs/mlartifacts`` (MLflow's own default,
-    ``./mlruns`` of whatever the working directory is, scatters artifacts); a server
-    decides for itself, and so do other stores.
+    A SQLite store keeps them beside its database file, in
+    ``mlartifacts/<experiment_name>`` (MLflow's own default, ``./mlruns`` of whatever the
+    working directory is, scatters them); a server decides for itself, and so do other
+    stores.
     """
-    if not tracking_uri.lower().startswith("sqlite:"):
+    if not tracking_uri.lower().startswith("sqlite:///"):
         return None
-    return (Path(launch_dir).absolute() / "outputs" / "mlartifacts").as_uri()
+    database = Path(tracking_uri[len("sqlite:///") :])
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment_name).strip("._") or "experiment"
+    return (database.absolute().parent / "mlartifacts" / folder).as_uri()
 
 
 # --------------------------------------------------------------------------- params
@@ -325,7 +328,7 @@ class MlflowTracker:
         return self._count_unwritten()[0]
 
     def log_metrics(self, metrics: Mapping[str, SupportsFloat], step: int) -> None:
-        """Queue metric values for ``step``; costs about a microsecond.
+        """Queue metric values for ``step``; costs a few microseconds.
 
         Values may be Python numbers or 0-dim tensors; they are converted in the
         background, so a GPU sync never stalls training. Keys like ``train/loss`` are
@@ -424,9 +427,9 @@ class MlflowTracker:
     def close(self, status: str = "FINISHED", error: str | None = None) -> None:
         """Write everything queued, record ``error``, end the run with ``status``.
 
-        Idempotent. Writes that fail are retried for a few seconds; what still could
-        not be written is reported as a warning (and in :attr:`unwritten_metrics`),
-        never raised.
+        Idempotent; before ``start()`` it only marks the tracker closed. Writes that
+        fail are retried for a few seconds; what still could not be written is reported
+        as a warning (and in :attr:`unwritten_metrics`), never raised.
 
         Args:
             status: FINISHED, FAILED or KILLED.
@@ -696,18 +699,19 @@ class MlflowTracker:
                     continue
                 try:
                     number = float(value.item() if hasattr(value, "item") else value)
-                    self._unsent.append(Metric(key, number, timestamp, int(step)))
-                except (TypeError, ValueError, RuntimeError) as exc:
+                except Exception as exc:  # any object can arrive here; none may stop the thread
                     self._lost_points += 1
                     if key not in self._bad_keys:
                         self._bad_keys.add(key)
                         self._log.warning(
-                            "Metric %r got %r, which is not a number (%s); such values are "
-                            "dropped. HINT: log a float or a 0-dim tensor.",
+                            "Metric %r got a %s that cannot be read as a number (%s); such "
+                            "values are dropped. HINT: log a float or a 0-dim tensor.",
                             key,
                             type(value).__name__,
-                            exc,
+                            _first_line(exc),
                         )
+                    continue
+                self._unsent.append(Metric(key, number, timestamp, int(step)))
 
     def _accept_key(self, key: str) -> bool:
         if _valid_key(key):
@@ -852,9 +856,9 @@ def _size_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def _first_line(exc: BaseException | None) -> str:
+def _first_line(exc: BaseException | None, limit: int = 300) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return _shorten(text.splitlines()[0], limit) if text else type(exc).__name__
 
 
 def _try(action: Callable[[], Any]) -> None:

@@ -410,18 +410,9 @@ ERRORS = {
         phase(lrs.ConstantLR, begin=3, end=3),
         r"scheduler\.p\.begin=3 is not before scheduler\.p\.end=3 \(epochs\)",
     ),
-    "begin_at_end_of_training": (
-        phase(lrs.ConstantLR, begin=4),
-        r"scheduler\.p\.begin=4 is not before the end of training \(4\)",
-    ),
     "negative_begin": (
         phase(lrs.ConstantLR, begin=-1, end=2),
         r"scheduler\.p\.begin=-1 is negative",
-    ),
-    "end_beyond_training": (
-        phase(lrs.StepLR, step_size=1, end=13, by_epoch=False),
-        r"scheduler\.p\.end=13 is beyond the end of training \(12 steps\); "
-        r"set scheduler\.p\.end <= 12",
     ),
     "torch_rejects_arguments": (
         phase(lrs.LinearLR, start_factor=2.0),
@@ -446,6 +437,24 @@ def test_misconfigured_phase_names_its_key(case: str) -> None:
     with pytest.raises(ValueError, match=message):
         LRSchedule(optimizer, [bad], epoch_length=EPOCH_LENGTH, total_steps=STEPS)
     assert [g["lr"] for g in optimizer.param_groups] == lr_before
+
+
+def test_a_run_shorter_than_the_schedule_warns_instead_of_failing() -> None:
+    """A smoke run (trainer.max_epochs=1) keeps the full run's schedule shape."""
+    optimizer = make_optimizer()
+    warmup = phase(lrs.LinearLR, start_factor=0.5, end=24, by_epoch=False)
+    decay = phase(lrs.CosineAnnealingLR, begin=24, by_epoch=False)
+    with pytest.warns(UserWarning) as record:
+        schedule = LRSchedule(
+            optimizer, [warmup, decay], epoch_length=EPOCH_LENGTH, total_steps=STEPS
+        )
+    messages = " ".join(str(w.message) for w in record)
+    assert "inside scheduler.p's window [0, 24)" in messages
+    assert "begins at 24 steps, after training ends (12 steps); it is skipped" in messages
+    used = run(schedule, optimizer, range(STEPS))
+    # Still warming up over 24 steps: halfway through at the end of the 12-step run.
+    expected = [[lr * (0.5 + 0.5 * t / 24) for lr in BASE_LRS] for t in range(STEPS)]
+    assert torch.allclose(torch.tensor(used), torch.tensor(expected), rtol=1e-6)
 
 
 def test_milestone_outside_the_window_warns() -> None:

@@ -1,0 +1,165 @@
+"""The real CLI in a subprocess, against a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def run_dirs(workdir: Path, experiment: str = "default") -> list[Path]:
+    root = workdir / "outputs" / experiment
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def only_run(store, experiment: str = "default"):
+    exp = store.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    runs = store.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def test_default_experiment_trains_and_is_tracked(xp, workdir: Path, store) -> None:
+    result = xp("optim.lr=0.003")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    (log_dir,) = run_dirs(workdir)
+    timestamp = log_dir.name
+    assert (log_dir / ".hydra" / "config.yaml").exists()
+    assert (log_dir / "config.yaml").exists()
+    env = json.loads((log_dir / "env.json").read_text())
+    assert env["system"]["torch"] == torch.__version__
+    assert env["runtime"]["world_size"] == 1
+    assert (log_dir / f"{timestamp}.log").read_text().count(": val/loss") == 20
+    checkpoints = sorted((log_dir / "checkpoints").glob("step_*.pt"))
+    assert [p.name for p in checkpoints] == [
+        "step_00000414.pt",
+        "step_00000437.pt",
+        "step_00000460.pt",
+    ]
+    saved = torch.load(checkpoints[-1], weights_only=True)
+    assert saved["progress"] == {"epoch": 20, "step": 460, "batch_in_epoch": 0}
+    assert "optim:" in saved["config"]
+
+    run = only_run(store)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == timestamp
+    assert run.data.params["optim.lr"] == "0.003"
+    assert run.data.params["model.hidden_sizes"] == "[128, 128]"
+    assert run.data.params["scheduler.warmup._target_"] == "torch.optim.lr_scheduler.LinearLR"
+    assert run.data.tags["xp.run_dir"] == str(log_dir.resolve())
+    assert run.data.tags["xp.overrides"] == "optim.lr=0.003"
+    assert run.data.tags["xp.world_size"] == "1"
+    assert run.data.metrics["val/acc"] >= 0.95
+    loss = store.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in loss] == list(range(10, 461, 10))
+    assert loss[-1].value < loss[0].value / 4
+    lr = store.get_metric_history(run.info.run_id, "train/lr")
+    assert lr[0].value < 0.003 and max(m.value for m in lr) == pytest.approx(0.003, rel=0.05)
+    assert store.get_metric_history(run.info.run_id, "train/samples_per_s")[-1].value > 0
+    assert len(store.get_metric_history(run.info.run_id, "val/acc")) == 20
+
+    artifacts = {a.path for a in store.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "env.json", ".hydra", "checkpoints", f"{timestamp}.log"} <= artifacts
+    uploaded = {a.path for a in store.list_artifacts(run.info.run_id, "checkpoints")}
+    assert uploaded == {f"checkpoints/{p.name}" for p in checkpoints}
+    artifact_root = workdir / "outputs"
+    assert any(artifact_root.rglob("env.json")), "artifacts must live under outputs/"
+    assert not (workdir / "mlruns").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("optim.lr=abc", "optim.lr"),
+        ("optim.lrr=1", "optim.lrr"),
+        ("strategy=nope", "strategy/nope"),
+    ],
+)
+def test_bad_override_fails_before_anything_is_written(xp, workdir: Path, store, override, named):
+    result = xp(override, timeout=60)
+    assert result.returncode != 0
+    assert named in result.stderr
+    if override == "strategy=nope":
+        assert "single" in result.stderr  # the valid options are listed
+    assert run_dirs(workdir) == []
+    assert [e.name for e in store.search_experiments()] == ["Default"]
+
+
+def test_invalid_setting_found_while_building_leaves_nothing(xp, workdir: Path, store) -> None:
+    result = xp("optim.clip_grad.max_norm=1", "optim.clip_grad.max_value=1", timeout=120)
+    assert result.returncode == 1
+    assert "xp: error: optim.clip_grad sets both" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "outputs" / "default").exists()
+    assert [e.name for e in store.search_experiments()] == ["Default"]
+
+
+def test_failure_during_training_marks_the_run_failed(xp, workdir: Path, store) -> None:
+    result = xp("model.in_features=65", "trainer.max_epochs=1")
+    assert result.returncode != 0
+    run = only_run(store)
+    assert run.info.status == "FAILED"
+    assert "mat1 and mat2" in run.data.tags["xp.error"]
+    assert len(run_dirs(workdir)) == 1  # the run's log stays for inspection
+
+
+def test_ctrl_c_marks_the_run_killed(workdir: Path, store) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xp", "trainer.max_epochs=100000", "tracking.flush_interval_s=0.2"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            logs = list((workdir / "outputs" / "default").glob("*/*.log"))
+            if logs and "val/acc" in logs[0].read_text():
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run never validated")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    run = only_run(store)
+    assert run.info.status == "KILLED"
+
+
+def test_cfg_job_imports_neither_torch_nor_mlflow(workdir: Path) -> None:
+    code = (
+        "import sys\n"
+        "from xp.__main__ import main\n"
+        "main(['--cfg', 'job', 'optim=sgd'])\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert 'mlflow' not in sys.modules, 'mlflow imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "_target_: torch.optim.SGD" in result.stdout
+    assert not (workdir / "outputs" / "default").exists()
+
+
+def test_help_lists_groups_and_options(xp) -> None:
+    result = xp("--help", timeout=60)
+    assert result.returncode == 0
+    for line in ("optim: adam, adamw, backbone_head, sgd", "strategy: single", "scheduler: constant"):
+        assert line in result.stdout
