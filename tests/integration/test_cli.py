@@ -161,5 +161,56 @@ def test_cfg_job_imports_neither_torch_nor_mlflow(workdir: Path) -> None:
 def test_help_lists_groups_and_options(xp) -> None:
     result = xp("--help", timeout=60)
     assert result.returncode == 0
-    for line in ("optim: adam, adamw, backbone_head, sgd", "strategy: single", "scheduler: constant"):
+    for line in (
+        "optim: adam, adamw, backbone_head, sgd",
+        "strategy: single",
+        "scheduler: constant",
+    ):
         assert line in result.stdout
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_runs_of_the_default_store(xp, workdir: Path) -> None:
+    assert xp("trainer.max_epochs=1", "experiment_name=ui_check").returncode == 0
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xp", "ui", "--port", str(port)],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail(
+                        f"xp ui did not come up: {proc.stdout.read() if proc.stdout else ''}"
+                    )
+                time.sleep(0.5)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        experiment = client.get_experiment_by_name("ui_check")
+        assert experiment is not None
+        (run,) = client.search_runs([experiment.experiment_id])
+        assert run.info.status == "FINISHED"
+        assert "val/acc" in run.data.metrics
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
