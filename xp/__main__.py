@@ -63,10 +63,18 @@ def _prepare_environment() -> None:
     Both travel in environment variables, so the processes a launcher starts from this
     one (and resolvers called again later) see the same values.
     """
+    from xp.launch import agree_on_timestamp
+
     launch = Path(os.environ.get("XP_LAUNCH_DIR") or os.getcwd()).resolve()
     os.environ["XP_LAUNCH_DIR"] = str(launch)
     if not os.environ.get("XP_TIMESTAMP"):
-        os.environ["XP_TIMESTAMP"] = _timestamp(launch / "outputs")
+        os.environ["XP_TIMESTAMP"] = agree_on_timestamp(lambda: _timestamp(launch / "outputs"))
+
+
+def _rank() -> int:
+    from xp.dist import dist_info, infer_launcher
+
+    return dist_info(infer_launcher()).rank
 
 
 def _register_resolvers() -> None:
@@ -133,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(cfg)
 
+    if _rank() != 0:
+        # Rank 0 writes the run directory's .hydra/; the others only compose.
+        args.append("hydra.output_subdir=null")
     sys.argv = [sys.argv[0], *args]
     task()  # the objective it returns is for Hydra's sweepers, not the exit status
     return 0

@@ -46,6 +46,21 @@ class StartMethod(str, Enum):
     forkserver = "forkserver"
 
 
+class Backend(str, Enum):
+    """torch.distributed backend."""
+
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class DType(str, Enum):
+    """Floating-point precision of parameters or gradient reductions."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class AMP(str, Enum):
     """Automatic mixed precision of the forward pass."""
 
@@ -109,6 +124,41 @@ class SingleDeviceStrategyConfig(StrategyConfig):
     _target_: str = "xp.strategy.SingleDeviceStrategy"
     device: Device = Device.auto
     """auto takes CUDA when available, else the CPU."""
+
+
+@dataclass
+class DistributedStrategyConfig(StrategyConfig):
+    """Settings of every strategy over a torch.distributed process group."""
+
+    device: Device = Device.auto
+    """auto: one CUDA device per process (LOCAL_RANK) when available, else the CPU."""
+    backend: Backend | None = None
+    """null: nccl on CUDA, gloo on the CPU."""
+    nproc_per_node: int = 1
+    """Without a launcher (torchrun, srun, mpirun): start this many workers here."""
+    master_port: int | None = None
+    """Rendezvous port of the workers xp starts itself; null picks a free one."""
+    timeout_s: float = 1800.0
+    """How long a collective may wait for the other ranks before the run fails."""
+
+
+@dataclass
+class DDPStrategyConfig(DistributedStrategyConfig):
+    """DistributedDataParallel: a full replica per process, gradients all-reduced."""
+
+    _target_: str = "xp.strategy.DDPStrategy"
+    find_unused_parameters: bool = False
+    """Allow parameters that get no gradient in a step (slower: an extra graph traversal)."""
+    static_graph: bool = False
+    """Promise the graph is the same every step, so DDP can optimize its hooks."""
+    gradient_as_bucket_view: bool = True
+    """Gradients as views into the all-reduce buckets: saves a copy and memory."""
+    broadcast_buffers: bool = True
+    """Broadcast buffers (BatchNorm statistics) from rank 0 before each forward."""
+    bucket_cap_mb: float = 25.0
+    """Size of the gradient buckets that are all-reduced together."""
+    sync_bn: bool = False
+    """Convert BatchNorm layers to SyncBatchNorm (statistics over all ranks)."""
 
 
 # --------------------------------------------------------------------------- optim
@@ -389,7 +439,7 @@ class XPConfig:
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "strategy": {"single": SingleDeviceStrategyConfig},
+    "strategy": {"single": SingleDeviceStrategyConfig, "ddp": DDPStrategyConfig},
     "optim": {
         "sgd": SGDConfig,
         "adam": AdamConfig,

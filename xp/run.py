@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from xp.checkpoint import Checkpointer, CheckpointError
 from xp.config import (
     DataConfig,
+    Launcher,
     ModelConfig,
     MultiOptimConfig,
     OptimConfig,
@@ -34,6 +35,8 @@ from xp.config import (
     TrainerConfig,
 )
 from xp.data import Datasets, EpochLoader
+from xp.dist import infer_launcher
+from xp.launch import launch_workers, port_in_use
 from xp.log import close_logger
 from xp.optim import OptimSpec
 from xp.scheduler import Phase
@@ -260,6 +263,9 @@ def run(cfg: DictConfig) -> float | None:
     """Train the composed experiment; returns ``trainer.objective`` for Hydra's sweepers."""
     log_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     created_here = _fresh_run_dir(log_dir)
+    nproc = int(cfg.strategy.get("nproc_per_node", 1))
+    if infer_launcher() is Launcher.none and nproc != 1:
+        return _run_workers(cfg, log_dir, nproc, created_here)
     tracker: MlflowTracker | None = None
     strategy: Strategy | None = None
     started = False
@@ -292,11 +298,21 @@ def run(cfg: DictConfig) -> float | None:
             log_dir,
         )
         metrics = trainer.fit()
+        run_id = None
         if tracker is not None:
             _log_run_files(tracker, strategy, trainer, built.tracking)
+            run_id = tracker.run_id
             tracker.close("FINISHED")
+        if strategy.is_main_process:
+            (log_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        run_id = strategy.broadcast_object(run_id)
         strategy.logger.info(
             "Done: %s", ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+        )
+        print(
+            f"xp: rank {strategy.rank}/{strategy.world_size} finished; "
+            f"log_dir {log_dir}; MLflow run {run_id}",
+            flush=True,
         )
         objective = metrics.get(built.trainer.objective)
         return None if objective is None else float(objective)
@@ -315,6 +331,38 @@ def run(cfg: DictConfig) -> float | None:
         if strategy is not None:
             strategy.teardown()
         close_logger()
+
+
+def _run_workers(cfg: DictConfig, log_dir: Path, nproc: int, created_here: bool) -> float | None:
+    """Start ``nproc`` workers of this same command; they train and write the run."""
+    if nproc < 1:
+        if created_here:
+            _remove_half_made_run_dir(log_dir)
+        print(
+            f"xp: error: strategy.nproc_per_node={nproc} must be >= 1 (the number of worker "
+            "processes on this machine).",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
+    port = cfg.strategy.get("master_port")
+    if port is not None and port_in_use(int(port)):
+        if created_here:
+            _remove_half_made_run_dir(log_dir)
+        print(
+            f"xp: error: strategy.master_port={port} is already in use on this machine; pick "
+            "another port, or null for a free one.",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
+    status = launch_workers(nproc, port, sys.argv[1:])
+    if status != 0:
+        if created_here and _fresh_run_dir(log_dir):
+            _remove_half_made_run_dir(log_dir)
+        raise SystemExit(status)
+    metrics_file = log_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    objective = metrics.get(cfg.trainer.objective)
+    return None if objective is None else float(objective)
 
 
 def _write_run_files(strategy: Strategy, config_yaml: str) -> None:

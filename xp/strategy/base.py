@@ -240,8 +240,7 @@ class Strategy(ABC):
             multiprocessing.set_start_method(mp_start_method.value, force=True)
         torch.set_num_threads(self._threads(threads_per_process))
         self._raise_open_file_limit(resource_limit)
-        if self._info.distributed:
-            self._setup_distributed()
+        self._setup_distributed()
         torch.backends.cudnn.benchmark = cudnn_benchmark and not self._randomness.deterministic
         self._set_randomness()
 
@@ -286,9 +285,8 @@ class Strategy(ABC):
         return build_logger(self._log_dir / f"{self.timestamp}.log", rank=self.rank)
 
     def teardown(self) -> None:
-        """Release what :meth:`__init__` acquired (the process group)."""
-        if self._info.distributed:
-            self._teardown_distributed()
+        """Release what :meth:`__init__` acquired (the process group); safe to call twice."""
+        self._teardown_distributed()
 
     def __enter__(self) -> Strategy:
         return self

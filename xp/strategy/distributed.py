@@ -1,0 +1,178 @@
+"""The base of strategies over a torch.distributed process group (DDP, FSDP, DeepSpeed)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from xp.config import Backend, Device, Launcher
+from xp.strategy.base import Strategy
+
+
+class DistributedStrategy(Strategy):
+    """Joins (or, for one process, creates) the process group and provides the collectives.
+
+    Args:
+        device: auto (CUDA when available, one device per local rank), cpu or cuda.
+        backend: nccl or gloo; None picks nccl on CUDA and gloo on the CPU.
+        nproc_per_node: Workers to start without a launcher (used by ``xp.launch``).
+        master_port: Rendezvous port for workers xp starts itself.
+        timeout_s: How long a collective waits for the other ranks.
+        **kwargs: See :class:`~xp.strategy.base.Strategy`.
+    """
+
+    def __init__(
+        self,
+        *,
+        device: Device = Device.auto,
+        backend: Backend | None = None,
+        nproc_per_node: int = 1,
+        master_port: int | None = None,
+        timeout_s: float = 1800.0,
+        **kwargs: Any,
+    ) -> None:
+        if nproc_per_node < 1:
+            raise ValueError(
+                f"strategy.nproc_per_node={nproc_per_node} must be >= 1 (the number of worker "
+                "processes on this machine)."
+            )
+        if device is Device.cuda and not torch.cuda.is_available():
+            raise ValueError(
+                "strategy.device=cuda, but CUDA is not available here; use strategy.device=cpu "
+                "or strategy.device=auto."
+            )
+        self._use_cuda = device is Device.cuda or (
+            device is Device.auto and torch.cuda.is_available()
+        )
+        chosen = backend or (Backend.nccl if self._use_cuda else Backend.gloo)
+        if chosen is Backend.nccl and not self._use_cuda:
+            raise ValueError(
+                "strategy.backend=nccl needs CUDA, but "
+                + ("strategy.device=cpu" if device is Device.cpu else "none is available")
+                + "; use strategy.backend=gloo (or null to choose from the device)."
+            )
+        self._backend = chosen
+        self._timeout = timedelta(seconds=timeout_s)
+        self._master_port = master_port
+        self._owns_group = False
+        self._device = torch.device("cpu")
+        super().__init__(**kwargs)
+
+    # ------------------------------------------------------------------ process group
+
+    def _setup_distributed(self) -> None:
+        _export_launcher_env(self.launcher, self._master_port)
+        if self._use_cuda:
+            self._device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(self._device)
+        if dist.is_initialized():
+            return
+        if not self.distributed:
+            # One process still gets a process group, so DDP/FSDP/DeepSpeed work unchanged
+            # (and a checkpoint saved by 2 ranks resumes on 1).
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(self._master_port or free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("LOCAL_RANK", "0")
+        dist.init_process_group(
+            backend=self._backend.value,
+            timeout=self._timeout,
+            device_id=self._device if self._use_cuda else None,
+        )
+        self._owns_group = True
+
+    def _teardown_distributed(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            # gloo: without a barrier a rank can exit while another still sends, and abort.
+            dist.barrier()
+            dist.destroy_process_group()
+        self._owns_group = False
+
+    # ------------------------------------------------------------------ small parts
+
+    @property
+    def root_device(self) -> torch.device:
+        return self._device
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        if op not in ("sum", "mean"):
+            raise ValueError(f"all_reduce(op={op!r}): use 'sum' or 'mean'.")
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        if op == "mean":
+            out = out / self.world_size
+        return out
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def collect_env(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        system, runtime = super().collect_env()
+        runtime["backend"] = self._backend.value
+        return system, runtime
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _export_launcher_env(launcher: Launcher, master_port: int | None) -> None:
+    """Give torch's env:// rendezvous the variables that srun or mpirun set under other names."""
+    env = os.environ
+    if launcher is Launcher.slurm:
+        env.setdefault("RANK", env["SLURM_PROCID"])
+        env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = _first_slurm_host(env["SLURM_NODELIST"])
+        # Every task of the job derives the same port from the job id (mmengine does too).
+        env.setdefault("MASTER_PORT", str(master_port or 20000 + int(env["SLURM_JOB_ID"]) % 10000))
+    elif launcher is Launcher.mpi:
+        env.setdefault("RANK", env["OMPI_COMM_WORLD_RANK"])
+        env.setdefault("WORLD_SIZE", env["OMPI_COMM_WORLD_SIZE"])
+        env.setdefault("LOCAL_RANK", env["OMPI_COMM_WORLD_LOCAL_RANK"])
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(master_port or 29500))
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+        return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        # "node[01-04],gpu7" -> "node01": good enough where scontrol is missing.
+        head = nodelist.split(",")[0]
+        if "[" in head:
+            prefix, rest = head.split("[", 1)
+            return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+        return head
