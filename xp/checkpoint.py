@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
-_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+_NAME = re.compile(r"^step_(\d{8,})(\.pt)?$")
 _TMP_SUFFIX = ".tmp"
+COMPLETE_MARKER = "COMPLETE"
+"""A sharded checkpoint (a folder) is complete once this file exists in it."""
 
 
 class CheckpointError(RuntimeError):
@@ -79,32 +81,44 @@ def load_file(path: Path) -> dict[str, Any]:
     return state
 
 
+def is_complete(path: Path) -> bool:
+    """A single-file checkpoint that exists, or a sharded one whose marker is written."""
+    return path.is_file() or (path.is_dir() and (path / COMPLETE_MARKER).is_file())
+
+
 class Checkpointer:
     """Names, lists and prunes the checkpoints of one run folder.
+
+    Single-file checkpoints are ``step_XXXXXXXX.pt``; sharded ones (FSDP, DeepSpeed) are
+    folders ``step_XXXXXXXX/`` that count only once their ``COMPLETE`` marker exists.
 
     Args:
         directory: Where the checkpoints live (``<log_dir>/checkpoints``).
         keep: How many of the newest checkpoints to keep; 0 keeps all.
+        sharded: Name new checkpoints as folders.
     """
 
-    def __init__(self, directory: Path, keep: int = 3) -> None:
+    def __init__(self, directory: Path, keep: int = 3, *, sharded: bool = False) -> None:
         if keep < 0:
             raise ValueError(
                 f"trainer.keep_checkpoints={keep} must be >= 0 (0 keeps every checkpoint)."
             )
         self.directory = Path(directory)
         self.keep = keep
+        self.sharded = sharded
 
     def path_for(self, step: int) -> Path:
-        """The file name of the checkpoint taken after ``step`` optimizer steps."""
-        return self.directory / f"step_{step:08d}.pt"
+        """Where the checkpoint taken after ``step`` optimizer steps goes."""
+        return self.directory / (f"step_{step:08d}" if self.sharded else f"step_{step:08d}.pt")
 
     def list(self) -> builtins.list[Path]:
         """Complete checkpoints, oldest first."""
         if not self.directory.is_dir():
             return []
         found = [
-            (int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name))
+            (int(m.group(1)), p)
+            for p in self.directory.iterdir()
+            if (m := _NAME.match(p.name)) and is_complete(p)
         ]
         return [p for _, p in sorted(found)]
 
@@ -114,12 +128,24 @@ class Checkpointer:
         return found[-1] if found else None
 
     def prune(self) -> builtins.list[Path]:
-        """Delete all but the ``keep`` newest checkpoints and any stale temporary files."""
+        """Delete all but the ``keep`` newest checkpoints, and leftovers of dead writers.
+
+        A sharded folder older than the newest complete checkpoint and still without its
+        marker is the remains of an interrupted save.
+        """
         removed: builtins.list[Path] = []
+        complete = self.list()
         if self.keep:
-            for path in self.list()[: -self.keep]:
+            for path in complete[: -self.keep]:
                 _remove(path)
                 removed.append(path)
+        if complete and self.directory.is_dir():
+            newest = int(_NAME.match(complete[-1].name).group(1))  # type: ignore[union-attr]
+            for path in self.directory.iterdir():
+                m = _NAME.match(path.name)
+                if m and path.is_dir() and not is_complete(path) and int(m.group(1)) < newest:
+                    _remove(path)
+                    removed.append(path)
         if self.directory.is_dir():
             for tmp in self.directory.glob(f".*{_TMP_SUFFIX}"):
                 # Only files of dead writers: ours are renamed before prune runs.

@@ -161,6 +161,43 @@ class DDPStrategyConfig(DistributedStrategyConfig):
     """Convert BatchNorm layers to SyncBatchNorm (statistics over all ranks)."""
 
 
+@dataclass
+class FSDPStrategyConfig(DistributedStrategyConfig):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): parameters, gradients and optimizer
+    state sharded over the ranks of a 1-D device mesh."""
+
+    _target_: str = "xp.strategy.FSDPStrategy"
+    shard_modules: list[str] = field(default_factory=list)
+    """Module class names to shard one by one (e.g. [Block]); the root is always sharded."""
+    reshard_after_forward: bool = True
+    """Free gathered parameters after forward (less memory, one more all-gather in backward)."""
+    param_dtype: DType | None = None
+    """Compute dtype of gathered parameters (mixed precision); null keeps fp32."""
+    reduce_dtype: DType | None = None
+    """dtype of gradient reduce-scatter; null: param_dtype."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer state on the CPU."""
+    activation_checkpointing: list[str] = field(default_factory=list)
+    """Module class names whose activations are recomputed in backward instead of stored."""
+
+
+@dataclass
+class DeepSpeedStrategyConfig(DistributedStrategyConfig):
+    """DeepSpeed ZeRO through deepspeed.initialize, with xp's optimizer and LR schedule."""
+
+    _target_: str = "xp.strategy.DeepSpeedStrategy"
+    zero_stage: int = 2
+    """1: optimizer state, 2: + gradients, 3: + parameters partitioned over ranks."""
+    precision: DType = DType.fp32
+    """fp32, or bf16/fp16 mixed precision managed by DeepSpeed (instead of optim.amp)."""
+    offload_optimizer: bool = False
+    """Optimizer state in CPU memory (ZeRO-Offload)."""
+    offload_param: bool = False
+    """Parameters in CPU memory (ZeRO-3 only)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed config entries merged over the ones xp derives."""
+
+
 # --------------------------------------------------------------------------- optim
 
 
@@ -439,7 +476,12 @@ class XPConfig:
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "strategy": {"single": SingleDeviceStrategyConfig, "ddp": DDPStrategyConfig},
+    "strategy": {
+        "single": SingleDeviceStrategyConfig,
+        "ddp": DDPStrategyConfig,
+        "fsdp": FSDPStrategyConfig,
+        "deepspeed": DeepSpeedStrategyConfig,
+    },
     "optim": {
         "sgd": SGDConfig,
         "adam": AdamConfig,

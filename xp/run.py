@@ -282,7 +282,11 @@ def run(cfg: DictConfig) -> float | None:
             val_loader=built.val_loader,
             settings=built.trainer,
             length=built.length,
-            checkpointer=Checkpointer(strategy.checkpoint_dir, built.trainer.keep_checkpoints),
+            checkpointer=Checkpointer(
+                strategy.checkpoint_dir,
+                built.trainer.keep_checkpoints,
+                sharded=strategy.sharded_checkpoints,
+            ),
             tracker=tracker,
             checkpoint_extra={"config": built.config_yaml},
         )

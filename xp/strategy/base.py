@@ -90,6 +90,9 @@ class Strategy(ABC):
         auto_scale_lr: Linear LR scaling settings.
     """
 
+    sharded_checkpoints: bool = False
+    """Checkpoints are folders written by every rank (FSDP, DeepSpeed), not one file."""
+
     def __init__(
         self,
         *,
@@ -218,6 +221,16 @@ class Strategy(ABC):
         """Wrap the model for the strategy (DDP, FSDP...); the identity by default."""
         return model
 
+    def _attach_optimizer(
+        self,
+        model: nn.Module,
+        wrapper: OptimWrapper | OptimWrapperDict,
+        *,
+        batch_size: int | None,
+    ) -> tuple[nn.Module, OptimWrapper | OptimWrapperDict]:
+        """Join model and optimizer where the strategy needs both (DeepSpeed's engine)."""
+        return model, wrapper
+
     def _no_sync(self, model: nn.Module) -> Callable[[], Any] | None:
         """A context factory that skips gradient sync on accumulating micro-batches."""
         return None
@@ -324,9 +337,12 @@ class Strategy(ABC):
         wrapped = self._wrap_model(built)
         prepared = Prepared(model=wrapped)
         if optim is not None:
-            prepared.optim_wrapper = self.build_optim_wrapper(optim, wrapped)
+            wrapper = self.build_optim_wrapper(optim, wrapped)
             if self._auto_scale_lr.enabled:
-                self._scale_lr(prepared.optim_wrapper, optim, batch_size)
+                self._scale_lr(wrapper, optim, batch_size)
+            prepared.model, prepared.optim_wrapper = self._attach_optimizer(
+                wrapped, wrapper, batch_size=batch_size
+            )
             if schedules:
                 if length is None:
                     raise ValueError("prepare(schedules=...) needs the training length.")
