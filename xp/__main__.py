@@ -118,7 +118,13 @@ def _ui(argv: list[str]) -> int:
         return 0
 
 
-SUBCOMMANDS = {"ui": _ui}
+def _export(argv: list[str]) -> int:
+    from xp.export import main as export_main
+
+    return export_main(argv)
+
+
+SUBCOMMANDS = {"ui": _ui, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

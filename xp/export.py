@@ -1,0 +1,76 @@
+"""``xp export``: a plain, full model state dict from any xp checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from xp.checkpoint import COMPLETE_MARKER, CheckpointError, Checkpointer, atomic_save, load_file
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint file or folder, or the newest complete one of a run directory."""
+    if not path.exists():
+        raise CheckpointError(f"ckpt={path} does not exist; give a checkpoint or a run directory.")
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        latest = Checkpointer(path / "checkpoints").latest()
+        if latest is None:
+            raise CheckpointError(f"The run directory {path} has no complete checkpoint.")
+        return latest
+    return path
+
+
+def export_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The full model state dict of a single-file, FSDP or DeepSpeed checkpoint, on the CPU.
+
+    Sharded checkpoints are gathered from their files, without a process group.
+    """
+    path = resolve_checkpoint(path)
+    if path.is_file():
+        state = load_file(path)
+        if "model" not in state:
+            raise CheckpointError(f"{path} has no model state; it was not written by xp.")
+        model = state["model"]
+    elif not (path / COMPLETE_MARKER).is_file():
+        raise CheckpointError(
+            f"Checkpoint folder {path} has no {COMPLETE_MARKER} marker: its save was "
+            "interrupted; export an earlier checkpoint."
+        )
+    elif (path / ".metadata").is_file():
+        from xp.strategy.fsdp import export_model_state as export_fsdp
+
+        model = export_fsdp(path)
+    else:
+        from xp.strategy.deepspeed import export_model_state as export_deepspeed
+
+        model = export_deepspeed(path)
+    return {
+        re.sub(r"^(module\.|_orig_mod\.)+", "", k): v.detach().cpu().contiguous()
+        for k, v in model.items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
+def main(argv: list[str]) -> int:
+    """``xp export ckpt=<checkpoint, folder or run dir> out=<file>``."""
+    parser = argparse.ArgumentParser(prog="xp export", description=main.__doc__)
+    parser.add_argument("assignments", nargs="+", metavar="key=value")
+    args = parser.parse_args(argv)
+    values = dict(a.split("=", 1) for a in args.assignments if "=" in a)
+    unknown = sorted(set(values) - {"ckpt", "out"}) + [a for a in args.assignments if "=" not in a]
+    if unknown or "ckpt" not in values or "out" not in values:
+        parser.error("usage: xp export ckpt=<checkpoint or run dir> out=<file.pt>")
+    try:
+        state = export_model_state(Path(values["ckpt"]))
+    except CheckpointError as e:
+        print(f"xp export: error: {e}", file=sys.stderr)
+        return 1
+    out = Path(values["out"])
+    atomic_save(state, out)  # type: ignore[arg-type]
+    count = sum(v.numel() for v in state.values())
+    print(f"Wrote {len(state)} tensors ({count:,} values) to {out}")
+    return 0
