@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from xp.checkpoint import COMPLETE_MARKER, CheckpointError, Checkpointer, atomic_save, load_file
+from xp.checkpoint import COMPLETE_MARKER, Checkpointer, CheckpointError, atomic_save, load_file
 
 
 def resolve_checkpoint(path: Path) -> Path:
