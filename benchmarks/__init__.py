@@ -1,0 +1,1 @@
+"""Side-by-side measurements of xp against hand-written PyTorch (``python -m benchmarks``)."""
