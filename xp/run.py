@@ -36,6 +36,7 @@ from xp.config import (
 )
 from xp.data import Datasets, EpochLoader
 from xp.dist import infer_launcher
+from xp.env import git_info
 from xp.launch import launch_workers, port_in_use
 from xp.log import close_logger
 from xp.optim import OptimSpec
@@ -184,6 +185,11 @@ def build_tracker(
         "xp.strategy": type(strategy).__name__,
         "mlflow.source.name": "xp",
     }
+    git = git_info(launch_dir())
+    if git:
+        tags["mlflow.source.git.commit"] = git["git_commit"]
+        tags["xp.git_commit"] = git["git_commit"]
+        tags["xp.git_dirty"] = str(git["git_dirty"]).lower()
     return MlflowTracker(
         settings,
         tracking_uri=uri,

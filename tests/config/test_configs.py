@@ -82,3 +82,35 @@ def test_unknown_option_lists_the_valid_ones(compose) -> None:
 def test_warmup_cosine_begins_where_warmup_ends(compose) -> None:
     cfg = compose(["scheduler=warmup_cosine", "scheduler.warmup.end=7"])
     assert cfg.scheduler.cosine.begin == 7
+
+
+def test_one_schedule_per_optimizer(compose, tmp_path: Path) -> None:
+    """`scheduler.<optimizer>.<phase>` gives each named optimizer its own schedule."""
+    from omegaconf import OmegaConf
+
+    from xp.config import ConstantLRConfig, StepLRConfig
+    from xp.run import build_phases
+
+    cfg = compose(["optim=backbone_head", "trainer.max_epochs=2"])
+    per_optim = OmegaConf.create(
+        {
+            "backbone": {"step": OmegaConf.structured(StepLRConfig(step_size=1, gamma=0.5))},
+            "head": {"keep": OmegaConf.structured(ConstantLRConfig(factor=1.0))},
+        }
+    )
+    cfg.scheduler = per_optim
+    phases = build_phases(cfg.scheduler)
+    assert set(phases) == {"backbone", "head"}
+    built = build(cfg, tmp_path / "run")
+    try:
+        schedules = built.prepared.schedules
+        wrapper = built.prepared.optim_wrapper
+        for _ in range(built.length.epoch_length):
+            for schedule in schedules.values():
+                schedule.step_iter()
+        for schedule in schedules.values():
+            schedule.step_epoch()
+        assert wrapper["backbone"].get_lr()[0] == pytest.approx(3e-3 * 0.5)
+        assert wrapper["head"].get_lr()[0] == pytest.approx(0.05)
+    finally:
+        built.strategy.teardown()

@@ -60,6 +60,8 @@ def test_default_experiment_trains_and_is_tracked(xp, workdir: Path, store) -> N
     assert run.data.tags["xp.run_dir"] == str(log_dir.resolve())
     assert run.data.tags["xp.overrides"] == "optim.lr=0.003"
     assert run.data.tags["xp.world_size"] == "1"
+    assert run.data.tags["xp.seed"] == "0"
+    assert "xp.git_commit" not in run.data.tags  # launched outside any git tree
     assert run.data.metrics["val/acc"] >= 0.95
     loss = store.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in loss] == list(range(10, 461, 10))
@@ -140,6 +142,29 @@ def test_ctrl_c_marks_the_run_killed(workdir: Path, store) -> None:
     assert proc.returncode != 0
     run = only_run(store)
     assert run.info.status == "KILLED"
+
+
+def test_git_commit_and_null_seed_are_recorded(xp, workdir: Path, store) -> None:
+    subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
+         "-m", "init"],
+        cwd=workdir, check=True,
+    )  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=workdir, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    result = xp("randomness=random", "trainer.max_epochs=1", "trainer.progress_bar=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step/s" in result.stderr  # the progress bar, forced on without a terminal
+    run = only_run(store)
+    assert run.data.tags["mlflow.source.git.commit"] == commit
+    assert run.data.params["randomness.seed"] == "None"
+    seed = int(run.data.tags["xp.seed"])
+    (log_dir,) = run_dirs(workdir)
+    env = json.loads((log_dir / "env.json").read_text())
+    assert env["runtime"]["randomness"]["seed_in_force"] == seed
+    assert env["system"]["git_commit"] == commit
 
 
 def test_cfg_job_imports_neither_torch_nor_mlflow(workdir: Path) -> None:

@@ -255,3 +255,32 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="strategy.device=cuda"):
         make_strategy(tmp_path, device=Device.cuda)
+
+
+def test_deterministic_sets_torch_and_cublas_before_cuda(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        SingleDeviceStrategy(
+            log_dir=tmp_path / "exp" / "run",
+            experiment_name="exp",
+            randomness=RandomnessConfig(seed=0, deterministic=True),
+            cudnn_benchmark=True,
+        )
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark  # deterministic wins over cudnn_benchmark
+        import os
+
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
+def test_diff_rank_seed_offsets_by_rank(tmp_path: Path) -> None:
+    strategy = SingleDeviceStrategy(
+        log_dir=tmp_path / "exp" / "run",
+        experiment_name="exp",
+        randomness=RandomnessConfig(seed=10, diff_rank_seed=True),
+    )
+    assert strategy.seed == 10 + strategy.rank
