@@ -79,6 +79,14 @@ def test_default_experiment_trains_and_is_tracked(xp, workdir: Path, store) -> N
     assert any(artifact_root.rglob("env.json")), "artifacts must live under outputs/"
     assert not (workdir / "mlruns").exists()
 
+    exported = xp("export", f"ckpt={log_dir}", "out=model.pt", timeout=60)
+    assert exported.returncode == 0, exported.stderr
+    from xp.model import MLP
+
+    model = MLP(64, [128, 128], 10)
+    model.load_state_dict(torch.load(workdir / "model.pt", weights_only=True), strict=True)
+    assert torch.equal(model.head.weight, saved["model"]["head.weight"])
+
 
 @pytest.mark.parametrize(
     ("override", "named"),

@@ -584,9 +584,7 @@ class Strategy(ABC):
 
         Every rank must call it (RNG states are gathered); rank 0 writes the file.
         """
-        state: dict[str, Any] = {"model": self.model_state_dict()}
-        if save_optimizer:
-            state["optim"] = self.optim_state_dict()
+        state = self._checkpoint_states(save_optimizer=save_optimizer)
         if save_schedulers:
             state["schedulers"] = self.scheduler_state_dict()
         state["rng"] = self.all_gather_object(rnd.rng_state())
@@ -599,6 +597,35 @@ class Strategy(ABC):
         state.update(extra or {})
         self._write_checkpoint(state, Path(path))
         return Path(path)
+
+    def _checkpoint_states(self, *, save_optimizer: bool) -> dict[str, Any]:
+        """The model and optimizer entries of a checkpoint (DeepSpeed's engine saves its own)."""
+        state: dict[str, Any] = {"model": self.model_state_dict()}
+        if save_optimizer:
+            state["optim"] = self.optim_state_dict()
+        return state
+
+    def _restore_states(
+        self,
+        checkpoint: Mapping[str, Any],
+        path: Path,
+        *,
+        strict: bool,
+        revise_keys: Sequence[tuple[str, str]],
+        optimizer: bool,
+    ) -> None:
+        """Load a read checkpoint's model (and optimizer) entries; DeepSpeed's engine reads its own.
+
+        Raises:
+            CheckpointError: The checkpoint has no model state.
+        """
+        if "model" not in checkpoint:
+            raise CheckpointError(
+                f"Checkpoint {path} has no model state; it was not written by xp."
+            )
+        self.load_model_state_dict(checkpoint["model"], strict=strict, revise_keys=revise_keys)
+        if optimizer and "optim" in checkpoint:
+            self.load_optim_state_dict(checkpoint["optim"])
 
     def _write_checkpoint(self, state: dict[str, Any], path: Path) -> None:
         """Write a single-file checkpoint from rank 0."""
@@ -618,11 +645,9 @@ class Strategy(ABC):
     ) -> dict[str, Any]:
         """Load only the model weights of a checkpoint (fine-tuning); returns the checkpoint."""
         checkpoint = self._read_checkpoint(Path(path))
-        if "model" not in checkpoint:
-            raise CheckpointError(
-                f"Checkpoint {path} has no model state; it was not written by xp."
-            )
-        self.load_model_state_dict(checkpoint["model"], strict=strict, revise_keys=revise_keys)
+        self._restore_states(
+            checkpoint, Path(path), strict=strict, revise_keys=revise_keys, optimizer=False
+        )
         self.logger.info("Loaded model weights from %s.", path)
         return checkpoint
 
@@ -637,9 +662,14 @@ class Strategy(ABC):
 
         The caller continues from the trainer progress it saved in the checkpoint.
         """
-        checkpoint = self.load_checkpoint(path, strict=True)
-        if resume_optimizer and "optim" in checkpoint:
-            self.load_optim_state_dict(checkpoint["optim"])
+        checkpoint = self._read_checkpoint(Path(path))
+        self._restore_states(
+            checkpoint,
+            Path(path),
+            strict=True,
+            revise_keys=((r"^module\.", ""),),
+            optimizer=resume_optimizer,
+        )
         if resume_schedulers and "schedulers" in checkpoint:
             self.load_scheduler_state_dict(checkpoint["schedulers"])
         states = checkpoint.get("rng") or []
