@@ -42,3 +42,20 @@ def mlflow_uri(_empty_mlflow_db: Path, tmp_path: Path, monkeypatch: pytest.Monke
     # (mlflow.tracking._tracking_service.utils._get_sqlalchemy_store); subprocesses inherit it.
     monkeypatch.setenv("_MLFLOW_SERVER_ARTIFACT_ROOT", artifacts.as_uri())
     return f"sqlite:///{db.as_posix()}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Every test leaves os.environ and the default process group as it found them."""
+    import os
+    import sys
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

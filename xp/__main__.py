@@ -127,12 +127,63 @@ def _export(argv: list[str]) -> int:
 SUBCOMMANDS = {"ui": _ui, "export": _export}
 
 
+def _value(args: list[str], key: str) -> str | None:
+    found = [a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")]
+    return found[-1] if found else None
+
+
+def _resume_arguments(args: list[str]) -> list[str]:
+    """Turn ``resume=<spec>`` into the resumed run's directory, config choices and target.
+
+    The run composes again from the config group options it was started with; xp.run
+    then restores the exact values it was trained with (see xp.resume).
+    """
+    spec = _value(args, "resume")
+    requeued = os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
+    if spec is None and requeued:
+        spec = "auto"  # a requeued Slurm job continues its own run
+    if spec is None:
+        return args
+    from xp.resume import ENV, ResumeError, resolve
+    from xp.tracking import default_tracking_uri
+
+    launch = Path(os.environ["XP_LAUNCH_DIR"])
+    uri = _value(args, "tracking.tracking_uri") or default_tracking_uri(launch)
+    try:
+        target = resolve(
+            spec,
+            tracking_uri=uri,
+            experiment_name=_value(args, "experiment_name"),
+            outputs=launch / "outputs",
+        )
+    except ResumeError as e:
+        print(f"xp: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    os.environ[ENV] = target.to_env()
+    os.environ["XP_TIMESTAMP"] = Path(target.run_dir).name
+    given = {a.split("=", 1)[0] for a in args if "=" in a}
+    choices = [
+        f"{group}={option}"
+        for group, option in target.choices.items()
+        if not group.startswith("hydra") and group not in given and option is not None
+    ]
+    kept = [a for a in args if not a.startswith("resume=") and not a.startswith("experiment_name=")]
+    return [
+        *choices,
+        *kept,
+        f"experiment_name={target.experiment_name}",
+        f"hydra.run.dir={target.run_dir}",
+        "hydra.output_subdir=null",  # keep the .hydra/ the run was started with
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``xp`` command; returns its exit status."""
     args = _strip_legacy_local_rank(list(sys.argv[1:] if argv is None else argv))
     _prepare_environment()
     if args and args[0] in SUBCOMMANDS:
         return SUBCOMMANDS[args[0]](args[1:])
+    args = _resume_arguments(args)
 
     import hydra
 

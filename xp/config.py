@@ -61,6 +61,13 @@ class DType(str, Enum):
     fp16 = "fp16"
 
 
+class NonFinite(str, Enum):
+    """What a NaN or inf training loss does."""
+
+    stop = "stop"
+    skip = "skip"
+
+
 class AMP(str, Enum):
     """Automatic mixed precision of the forward pass."""
 
@@ -440,6 +447,8 @@ class TrainerConfig:
     """The metric returned to Hydra (and its sweepers) at the end."""
     progress_bar: bool | None = None
     """A progress bar over steps; null: only when stderr is a terminal."""
+    nonfinite: NonFinite = NonFinite.stop
+    """A NaN/inf loss: stop (checked every log step) or skip that batch (checked every step)."""
 
 
 @dataclass
@@ -465,6 +474,10 @@ class XPConfig:
 
     experiment_name: str = "default"
     """Names the MLflow experiment and the folder under outputs/."""
+    load_from: str | None = None
+    """Start a NEW run from these weights only (a run id, run directory or checkpoint)."""
+    target_allowlist: list[str] = field(default_factory=list)
+    """Module prefixes (e.g. mypkg.) besides torch. and xp. that a restored config may build."""
     strategy: StrategyConfig = MISSING
     optim: Any = MISSING
     scheduler: dict[str, Any] = field(default_factory=dict)

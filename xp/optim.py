@@ -444,6 +444,19 @@ class OptimWrapper:
         self.zero_grad()
         return grad_norm
 
+    def skip_micro_batch(self) -> None:
+        """Count a micro-batch whose loss is dropped (NaN/inf): no backward.
+
+        Its window still ends where it would have; the step then uses the gradients of the
+        window's other micro-batches, and is skipped when there are none.
+        """
+        self._inner_count += 1
+        if not self.should_update():
+            return
+        if any(p.grad is not None for p in self._all_params()):
+            self.step()
+        self.zero_grad()
+
     def get_lr(self) -> list[float]:
         """The current lr of every param group."""
         return [float(group["lr"]) for group in self.optimizer.param_groups]
@@ -597,6 +610,11 @@ class OptimWrapperDict(Mapping[str, OptimWrapper]):
         """Drops every wrapper's gradients."""
         for wrapper in self._wrappers.values():
             wrapper.zero_grad()
+
+    def skip_micro_batch(self) -> None:
+        """`OptimWrapper.skip_micro_batch` on every wrapper (a joint update's dropped loss)."""
+        for wrapper in self._wrappers.values():
+            wrapper.skip_micro_batch()
 
     def get_lr(self) -> dict[str, list[float]]:
         """Name -> the lr of each of its param groups."""

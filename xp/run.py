@@ -6,12 +6,17 @@ data get typed settings (dataclass instances) and built objects.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
 import traceback
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -22,7 +27,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from xp.checkpoint import Checkpointer, CheckpointError
+from xp.checkpoint import Checkpointer, CheckpointError, load_file
 from xp.config import (
     DataConfig,
     Launcher,
@@ -40,6 +45,7 @@ from xp.env import git_info
 from xp.launch import launch_workers, port_in_use
 from xp.log import close_logger
 from xp.optim import OptimSpec
+from xp.resume import ResumeError, ResumeTarget, checkpoint_for_load
 from xp.scheduler import Phase
 from xp.strategy.base import Prepared, Strategy, TrainingLength
 from xp.tracking import (
@@ -49,7 +55,7 @@ from xp.tracking import (
     default_tracking_uri,
     flatten_params,
 )
-from xp.trainer import Trainer, training_length
+from xp.trainer import Trainer, TrainingStopped, training_length
 
 USER_ERRORS = (ValueError, TypeError, CheckpointError, TrackingError)
 """Errors a user causes with config or input: reported as one message, no traceback."""
@@ -171,7 +177,11 @@ def build_loaders(
 
 
 def build_tracker(
-    cfg: DictConfig, strategy: Strategy, settings: TrackingConfig
+    cfg: DictConfig,
+    strategy: Strategy,
+    settings: TrackingConfig,
+    target: ResumeTarget | None = None,
+    accepted: Mapping[str, Any] | None = None,
 ) -> MlflowTracker | None:
     if not settings.enabled or not strategy.is_main_process:
         return None
@@ -185,6 +195,13 @@ def build_tracker(
         "xp.strategy": type(strategy).__name__,
         "mlflow.source.name": "xp",
     }
+    if os.environ.get("SLURM_JOB_ID"):
+        tags["xp.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    if target is not None:
+        tags["xp.resumed_from"] = target.checkpoint
+        tags["xp.resume_overrides"] = " ".join(f"{k}={v}" for k, v in (accepted or {}).items())
+    if cfg.load_from:
+        tags["xp.load_from"] = str(cfg.load_from)
     git = git_info(launch_dir())
     if git:
         tags["mlflow.source.git.commit"] = git["git_commit"]
@@ -198,8 +215,96 @@ def build_tracker(
         tags=tags,
         params=flatten_params(_plain(cfg)),
         artifact_location=default_artifact_location(uri, cfg.experiment_name),
+        run_id=target.run_id if target is not None else None,
         logger=strategy.logger,
     )
+
+
+# --------------------------------------------------------------------------- resume
+
+_MISSING = object()
+_STATE_MEANING = re.compile(
+    r"^(model\..*|strategy\._target_|data\.(_target_|batch_size|drop_last)|randomness\.seed"
+    r"|optim\.(_target_|params)|optim\.optimizers\.[^.]+\.(_target_|params)"
+    r"|scheduler\..*\._target_)$"
+)
+"""Keys whose change on resume would change what the saved state means."""
+_TRUSTED = ("torch.", "xp.")
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def _saved_config(target: ResumeTarget) -> str:
+    config = Path(target.run_dir) / "config.yaml"
+    if config.is_file():
+        return config.read_text()
+    checkpoint = Path(target.checkpoint)
+    return str(load_file(checkpoint / "extra.pt" if checkpoint.is_dir() else checkpoint)["config"])
+
+
+def restore_config(cfg: DictConfig, target: ResumeTarget) -> tuple[DictConfig, dict[str, Any]]:
+    """The config the resumed run was trained with, plus the overrides given now.
+
+    Returns:
+        The restored config, and the accepted overrides (key -> new value).
+
+    Raises:
+        ResumeError: an override would change what the saved state means.
+    """
+    import yaml
+    from hydra import compose
+
+    saved = _flat(yaml.safe_load(_saved_config(target)) or {})
+    choices = [f"{g}={o}" for g, o in target.choices.items() if o is not None]
+    base = compose("config", overrides=[*choices, f"experiment_name={target.experiment_name}"])
+    before, now = _flat(_plain(base)), _flat(_plain(cfg))
+    given = {k: v for k, v in now.items() if before.get(k, _MISSING) != v}
+    refused = [
+        f"{k}: saved {saved.get(k)!r}, given {v!r}"
+        for k, v in given.items()
+        if _STATE_MEANING.match(k) and saved.get(k, _MISSING) != v
+    ]
+    if refused:
+        raise ResumeError(
+            "resume: these overrides change what the saved state means: "
+            + "; ".join(refused)
+            + ". Resume without them, or start a new run from the weights with load_from=."
+        )
+    restored = cfg.copy()
+    for key, value in saved.items():
+        if key in given:
+            continue
+        if OmegaConf.select(restored, key, default=_MISSING) is _MISSING:
+            logging.getLogger("xp").warning("resume: %s is no longer in the config; ignored.", key)
+            continue
+        OmegaConf.update(restored, key, value, merge=False)
+    return restored, {k: v for k, v in given.items() if saved.get(k, _MISSING) != v}
+
+
+def check_targets(cfg: DictConfig, *, allowed: Any, restored: bool) -> None:
+    """A restored config is data: it builds only ``_target_``s under trusted prefixes.
+
+    Raises:
+        ValueError: a ``_target_`` outside ``torch.``, ``xp.`` and ``target_allowlist``.
+    """
+    if not restored:
+        return
+    prefixes = (*_TRUSTED, *[str(a) for a in allowed or ()])
+    for key, value in _flat(_plain(cfg)).items():
+        if key.endswith("_target_") and not str(value).startswith(prefixes):
+            module = str(value).split(".")[0]
+            raise ValueError(
+                f"{key}={value!r} in the restored config is not under the allowed prefixes "
+                f"{list(prefixes)}, so it is not built. If you trust it, add "
+                f"target_allowlist=[{module}.] to the command."
+            )
 
 
 # --------------------------------------------------------------------------- the run
@@ -272,15 +377,17 @@ def run(cfg: DictConfig) -> float | None:
     nproc = int(cfg.strategy.get("nproc_per_node", 1))
     if infer_launcher() is Launcher.none and nproc != 1:
         return _run_workers(cfg, log_dir, nproc, created_here)
+    target = ResumeTarget.from_env()
     tracker: MlflowTracker | None = None
     strategy: Strategy | None = None
     started = False
     try:
+        accepted: dict[str, Any] = {}
+        if target is not None:
+            cfg, accepted = restore_config(cfg, target)
+        check_targets(cfg, allowed=cfg.target_allowlist, restored=target is not None)
         built = build(cfg, log_dir)
         strategy = built.strategy
-        tracker = build_tracker(cfg, strategy, built.tracking)
-        if tracker is not None:
-            tracker.start()
         trainer = Trainer(
             strategy,
             built.prepared,
@@ -293,21 +400,30 @@ def run(cfg: DictConfig) -> float | None:
                 built.trainer.keep_checkpoints,
                 sharded=strategy.sharded_checkpoints,
             ),
-            tracker=tracker,
-            checkpoint_extra={"config": built.config_yaml},
+            checkpoint_extra={"config": built.config_yaml, "run": _run_facts(cfg)},
         )
+        if target is not None:
+            trainer.load_state(strategy.resume(Path(target.checkpoint)))
+        elif cfg.load_from:
+            strategy.load_checkpoint(_load_from(cfg), strict=False)
+        tracker = build_tracker(cfg, strategy, built.tracking, target, accepted)
+        if tracker is not None:
+            tracker.start()
+        trainer.tracker = tracker
         started = True
         if strategy.is_main_process:
-            _write_run_files(strategy, built.config_yaml)
+            _write_run_files(strategy, built.config_yaml, _run_facts(cfg))
         strategy.logger.info(
-            "Run %s: %d steps (%d per epoch) on %s; logs in %s",
+            "Run %s: %s %d steps (%d per epoch) on %s; logs in %s",
             strategy.timestamp,
+            f"step {trainer.progress.step} of" if target else "",
             built.length.total_steps,
             built.length.epoch_length,
             strategy.root_device,
             log_dir,
         )
-        metrics = trainer.fit()
+        with _stop_on_signals(trainer):
+            metrics = trainer.fit()
         run_id = None
         if tracker is not None:
             _log_run_files(tracker, strategy, trainer, built.tracking)
@@ -326,6 +442,11 @@ def run(cfg: DictConfig) -> float | None:
         )
         objective = metrics.get(built.trainer.objective)
         return None if objective is None else float(objective)
+    except TrainingStopped as e:
+        _finish_failed(tracker, strategy, "KILLED", f"Stopped by {signal.Signals(e.signum).name}.")
+        if strategy is not None:
+            _requeue_on_slurm(strategy, e.signum)
+        raise SystemExit(128 + e.signum) from None
     except KeyboardInterrupt:
         _finish_failed(tracker, strategy, "KILLED", "Interrupted (Ctrl-C).")
         raise
@@ -341,6 +462,56 @@ def run(cfg: DictConfig) -> float | None:
         if strategy is not None:
             strategy.teardown()
         close_logger()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGTERM, SIGINT and SIGUSR1 (Slurm's warning) stop after the current step.
+
+    A second Ctrl-C interrupts at once.
+    """
+    stops = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
+
+    def handler(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and trainer._stop_signal is not None:
+            raise KeyboardInterrupt
+        trainer.request_stop(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _requeue_on_slurm(strategy: Strategy, signum: int) -> None:
+    """Requeue the Slurm job after a preemption warning; it resumes itself into this run."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or not strategy.is_main_process or signum not in (signal.SIGUSR1, signal.SIGTERM):
+        return
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode == 0:
+        strategy.logger.warning("Requeued Slurm job %s; it will resume this run.", job)
+    else:
+        strategy.logger.error("scontrol requeue %s failed: %s", job, result.stderr.strip())
+
+
+def _run_facts(cfg: DictConfig) -> dict[str, Any]:
+    """What resume needs besides the states: the experiment and the config group choices."""
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    return {
+        "experiment_name": cfg.experiment_name,
+        "choices": {k: v for k, v in choices.items() if not k.startswith("hydra")},
+    }
+
+
+def _load_from(cfg: DictConfig) -> Path:
+    return checkpoint_for_load(
+        str(cfg.load_from),
+        tracking_uri=cfg.tracking.tracking_uri or default_tracking_uri(launch_dir()),
+        outputs=launch_dir() / "outputs",
+    )
 
 
 def _run_workers(cfg: DictConfig, log_dir: Path, nproc: int, created_here: bool) -> float | None:
@@ -375,8 +546,9 @@ def _run_workers(cfg: DictConfig, log_dir: Path, nproc: int, created_here: bool)
     return None if objective is None else float(objective)
 
 
-def _write_run_files(strategy: Strategy, config_yaml: str) -> None:
+def _write_run_files(strategy: Strategy, config_yaml: str, facts: dict[str, Any]) -> None:
     (strategy.log_dir / "config.yaml").write_text(config_yaml)
+    (strategy.log_dir / "run.json").write_text(json.dumps(facts, indent=2))
     system, runtime = strategy.collect_env()
     (strategy.log_dir / "env.json").write_text(
         json.dumps({"system": system, "runtime": runtime}, indent=2, default=str)
@@ -387,7 +559,7 @@ def _log_run_files(
     tracker: MlflowTracker, strategy: Strategy, trainer: Trainer, settings: TrackingConfig
 ) -> None:
     log_dir = strategy.log_dir
-    for name in ("config.yaml", "env.json"):
+    for name in ("config.yaml", "env.json", "run.json"):
         if (log_dir / name).exists():
             tracker.log_artifact(log_dir / name)
     if (log_dir / ".hydra").is_dir():

@@ -344,6 +344,7 @@ class LRSchedule:
                 "must be >= 1; train for at least one optimizer step."
             )
         self.optimizer = optimizer
+        self._epoch_length = epoch_length
         for group in optimizer.param_groups:
             lr = group["lr"]
             group.setdefault("initial_lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
@@ -436,6 +437,31 @@ class LRSchedule:
         for group, values in zip(groups, state["param_groups"], strict=True):
             for key, value in values.items():
                 _set(group, key, value)
+
+    def fast_forward(self, *, steps: int, epochs: int) -> None:
+        """Replay the schedule from its start to ``steps`` optimizer steps and ``epochs`` epochs.
+
+        For a run resumed with a new training length (an extended run), whose saved
+        schedule no longer fits: the lr continues on the schedule of the new length.
+        """
+        for group, base_lr in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
+            _set(group, "lr", base_lr)
+            _set(group, "initial_lr", base_lr)
+        for window in self._windows:
+            window.scheduler = None
+        self._steps = self._epochs = 0
+        for window in self._windows:
+            if window.begin == 0:
+                self._open(window)
+        with warnings.catch_warnings():
+            # No optimizer steps happen during a replay, which torch would warn about.
+            warnings.simplefilter("ignore")
+            for step in range(1, steps + 1):
+                self.step_iter()
+                if step % self._epoch_length == 0 and self._epochs < epochs:
+                    self.step_epoch()
+            while self._epochs < epochs:
+                self.step_epoch()
 
     def _check_window(self, window: _Window, saved: dict[str, Any]) -> None:
         key = window.spec.window_kwarg

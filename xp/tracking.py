@@ -267,6 +267,7 @@ class MlflowTracker:
         # Owned by the background thread.
         self._unsent: list[Any] = []  # mlflow.entities.Metric, converted, not yet written
         self._known_keys: set[str] = set()
+        self._logged_until: dict[str, int] = {}
         self._bad_keys: set[str] = set()
         self._store_down = False
         self._last_error: BaseException | None = None
@@ -550,6 +551,12 @@ class MlflowTracker:
             client.update_run(run_id, status="RUNNING")
             _log_tags(client, run_id, self._tags)
             params = self._params_missing_from(run.data.params)
+            # A resumed run recomputes the steps after its checkpoint; those already in
+            # the store are not written twice, so each metric's history stays continuous.
+            self._logged_until = {
+                key: max(m.step for m in client.get_metric_history(run_id, key))
+                for key in run.data.metrics
+            }
         else:
             experiment_id = self._experiment_id(client)
             run = client.create_run(experiment_id, run_name=self.run_name, tags=self._tags)
@@ -694,6 +701,8 @@ class MlflowTracker:
         while pending:
             timestamp, step, metrics = pending.popleft()
             for key, value in metrics.items():
+                if step <= self._logged_until.get(key, -1):
+                    continue
                 if key not in self._known_keys and not self._accept_key(key):
                     self._lost_points += 1
                     continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from xp.checkpoint import Checkpointer
-from xp.config import TrainerConfig
+from xp.config import NonFinite, TrainerConfig
 from xp.data import EpochLoader
 from xp.optim import OptimWrapper
 from xp.strategy.base import Prepared, Strategy, TrainingLength
@@ -42,6 +43,46 @@ class Progress:
     @classmethod
     def from_state_dict(cls, state: Mapping[str, int]) -> Progress:
         return cls(**{k: int(state[k]) for k in ("epoch", "step", "batch_in_epoch")})
+
+
+class TrainingStopped(Exception):
+    """A stop signal ended training early, after a checkpoint of the last step."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.signum = signum
+        self.step = step
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or inf."""
+
+
+class LogWindow:
+    """The training loss and samples since the last log step (saved for exact resumes)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.batches = 0
+        self.samples = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss_sum += loss.detach()
+        self.batches += 1
+        self.samples += samples
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.detach().cpu().clone(), "batches": self.batches}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.reset()
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.batches = int(state["batches"])
 
 
 def training_length(
@@ -158,6 +199,11 @@ class Trainer:
         self.checkpoint_extra = dict(checkpoint_extra or {})
         self.metrics: dict[str, float] = {}
         self.last_checkpoint: Path | None = None
+        self.progress = Progress()
+        self._window = LogWindow(strategy.root_device)
+        self._skipped = 0
+        self._stop_signal: int | None = None
+        self._agreed_signal = 0
         self._lr_keys = (
             {"train/lr": self.optim}
             if isinstance(self.optim, OptimWrapper)
@@ -167,20 +213,24 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self, progress: Progress | None = None) -> dict[str, float]:
-        """Train to ``length.total_steps``; returns the last validation (and train) metrics."""
-        p = progress or Progress()
+        """Train to ``length.total_steps``; returns the last validation metrics.
+
+        Raises:
+            TrainingStopped: a stop signal arrived; a checkpoint of the last step was saved.
+            NonFiniteLossError: the loss became NaN or inf (``trainer.nonfinite=stop``).
+        """
+        p = progress or self.progress
+        self.progress = p
         s = self.settings
         total = self.length.total_steps
-        device = self.strategy.root_device
         model, optim, loader = self.model, self.optim, self.train_loader
         bar_enabled = sys.stderr.isatty() if s.progress_bar is None else s.progress_bar
         bar = ProgressBar(
             total, enabled=bar_enabled and self.strategy.is_main_process, initial=p.step
         )
-        loss_sum = torch.zeros((), device=device)
-        window_batches = window_samples = 0
-        window_start = time.perf_counter()
-        validated_at = checkpointed_at = -1
+        window = self._window
+        skip_nonfinite = s.nonfinite is NonFinite.skip
+        validated_at = checkpointed_at = p.step if p.step else -1
 
         while p.step < total:
             loader.set_epoch(p.epoch)
@@ -190,28 +240,26 @@ class Trainer:
                 inputs, targets = self.strategy.to_device(batch)
                 with optim.optim_context():
                     loss = F.cross_entropy(model(inputs), targets)
-                optim.update_params(loss)
+                if skip_nonfinite and not torch.isfinite(loss):
+                    optim.skip_micro_batch()
+                    self._skipped += 1
+                else:
+                    optim.update_params(loss)
+                    window.add(loss, targets.shape[0])
                 p.batch_in_epoch += 1
-                loss_sum += loss.detach()
-                window_batches += 1
-                window_samples += targets.shape[0]
                 if not optim.should_update():
                     continue
                 p.step += 1
                 for schedule in self.schedules:
                     schedule.step_iter()
                 if p.step % s.log_interval_steps == 0:
-                    now = time.perf_counter()
-                    self._log_train(
-                        p, loss_sum / window_batches, window_samples / (now - window_start), bar
-                    )
-                    loss_sum = torch.zeros((), device=device)
-                    window_batches = window_samples = 0
-                    window_start = time.perf_counter()
+                    self._log_train(p, bar)
                 bar.update(p.step)
                 if s.checkpoint_interval_steps and p.step % s.checkpoint_interval_steps == 0:
                     self.save_checkpoint(p)
                     checkpointed_at = p.step
+                if self._stop_requested(p):
+                    self._stop(p, checkpointed_at, bar)
                 if p.step >= total:
                     break
             if p.batch_in_epoch >= len(loader):
@@ -227,6 +275,8 @@ class Trainer:
                 if every and (p.epoch % every == 0 or last) and checkpointed_at != p.step:
                     self.save_checkpoint(p)
                     checkpointed_at = p.step
+                if self._stop_requested(p, collective=True):
+                    self._stop(p, checkpointed_at, bar)
         bar.close()
         if validated_at != p.step and s.val_interval_epochs:
             self.validate(p)
@@ -236,26 +286,75 @@ class Trainer:
             self.save_checkpoint(p)
         return self.metrics
 
+    # ------------------------------------------------------------------ stopping
+
+    def request_stop(self, signum: int) -> None:
+        """Ask the loop to save and stop after the current optimizer step (signal-safe)."""
+        self._stop_signal = signum
+
+    def _stop_requested(self, p: Progress, *, collective: bool = False) -> bool:
+        """Whether to stop now; every rank decides alike.
+
+        One process checks its flag after every step. Several agree at points where they
+        synchronize anyway (each log step, each epoch end), so no step pays a collective.
+        """
+        if self.strategy.world_size == 1:
+            return self._stop_signal is not None
+        if not collective and p.step % self.settings.log_interval_steps != 0:
+            return False
+        if collective:
+            flag = torch.tensor(float(self._stop_signal or 0), device=self.strategy.root_device)
+            self._agreed_signal = int(self.strategy.all_reduce(flag, op="sum").item() > 0)
+        return bool(self._agreed_signal)
+
+    def _stop(self, p: Progress, checkpointed_at: int, bar: ProgressBar) -> None:
+        bar.close()
+        if checkpointed_at != p.step:
+            self.save_checkpoint(p)
+        signum = self._stop_signal or signal.SIGTERM
+        self.strategy.logger.warning(
+            "Stopped by %s at step %d; resume continues from %s.",
+            signal.Signals(signum).name,
+            p.step,
+            self.last_checkpoint,
+        )
+        raise TrainingStopped(signum, p.step)
+
     # ------------------------------------------------------------------ pieces
 
-    def _log_train(
-        self, p: Progress, loss: torch.Tensor, samples_per_s: float, bar: ProgressBar
-    ) -> None:
-        reduced = self.strategy.all_reduce(
-            torch.stack([loss.float(), torch.tensor(samples_per_s, device=loss.device)]), op="sum"
-        )
+    def _log_train(self, p: Progress, bar: ProgressBar) -> None:
+        window = self._window
+        now = time.perf_counter()
+        loss = window.loss_sum / max(1, window.batches)
+        samples_per_s = window.samples / max(1e-9, now - window.started)
+        stop = float(self._stop_signal or 0) if self.strategy.world_size > 1 else 0.0
+        loss = loss.detach().float()
+        packed = torch.stack([loss, loss.new_tensor(samples_per_s), loss.new_tensor(stop)])
+        reduced = self.strategy.all_reduce(packed, op="sum")
+        self._agreed_signal = int(reduced[2].item() > 0) if self.strategy.world_size > 1 else 0
+        mean_loss = reduced[0] / self.strategy.world_size
+        if self.settings.nonfinite is NonFinite.stop and not torch.isfinite(mean_loss):
+            raise NonFiniteLossError(
+                f"The training loss became {mean_loss.item()} between steps "
+                f"{p.step - self.settings.log_interval_steps} and {p.step}; lower optim.lr, "
+                "clip gradients (optim.clip_grad.max_norm), or set trainer.nonfinite=skip to "
+                "drop such batches."
+            )
         metrics: dict[str, Any] = {
-            "train/loss": reduced[0] / self.strategy.world_size,
+            "train/loss": mean_loss,
             "train/samples_per_s": reduced[1],
             "train/epoch": p.epoch,
         }
         for key, wrapper in self._lr_keys.items():
             metrics[key] = wrapper.get_lr()[0]
+        if self._skipped:
+            metrics["train/skipped_batches"] = self._skipped
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, p.step)
         if bar.enabled:
             lr = metrics[next(iter(self._lr_keys))]
-            bar.postfix = f"epoch {p.epoch} loss {float(metrics['train/loss']):.4f} lr {lr:.3g}"
+            bar.postfix = f"epoch {p.epoch} loss {float(mean_loss):.4f} lr {lr:.3g}"
+        window.reset()
 
     @torch.no_grad()
     def validate(self, p: Progress) -> dict[str, float]:
@@ -288,10 +387,23 @@ class Trainer:
         model.train()
         return result
 
+    def load_state(self, checkpoint: Mapping[str, Any]) -> Progress:
+        """Continue from a checkpoint the strategy resumed: progress, metrics, log window."""
+        self.progress = Progress.from_state_dict(checkpoint["progress"])
+        self.metrics = {k: float(v) for k, v in checkpoint.get("metrics", {}).items()}
+        if "log_window" in checkpoint:
+            self._window.load_state_dict(checkpoint["log_window"])
+        return self.progress
+
     def save_checkpoint(self, p: Progress) -> Path:
         """Save a checkpoint of the current state and prune the old ones."""
         path = self.checkpointer.path_for(p.step)
-        extra = {"progress": p.state_dict(), "metrics": dict(self.metrics), **self.checkpoint_extra}
+        extra = {
+            "progress": p.state_dict(),
+            "log_window": self._window.state_dict(),
+            "metrics": dict(self.metrics),
+            **self.checkpoint_extra,
+        }
         self.strategy.save_checkpoint(path, extra=extra)
         if self.strategy.is_main_process:
             self.checkpointer.prune()

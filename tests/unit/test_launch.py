@@ -60,10 +60,11 @@ def test_explicit_launcher_without_its_variables_is_a_clear_error() -> None:
 
 
 def test_slurm_and_mpi_variables_become_torch_rendezvous_variables(monkeypatch) -> None:
+    # The code under test writes os.environ; give it a copy that the test throws away.
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in SLURM.items():
-        monkeypatch.setenv(key, value)
+        os.environ.pop(key, None)
+    os.environ.update(SLURM)
     _export_launcher_env(Launcher.slurm, None)
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == (
         "3",
@@ -76,7 +77,7 @@ def test_slurm_and_mpi_variables_become_torch_rendezvous_variables(monkeypatch) 
 
 
 def test_legacy_local_rank_argument_is_taken_out(monkeypatch) -> None:
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"})
     assert _strip_legacy_local_rank(["--local-rank=1", "optim=sgd"]) == ["optim=sgd"]
     assert os.environ["LOCAL_RANK"] == "1"
     assert _strip_legacy_local_rank(["--local_rank", "3", "a=b"]) == ["a=b"]

@@ -671,7 +671,16 @@ class Strategy(ABC):
             optimizer=resume_optimizer,
         )
         if resume_schedulers and "schedulers" in checkpoint:
-            self.load_scheduler_state_dict(checkpoint["schedulers"])
+            try:
+                self.load_scheduler_state_dict(checkpoint["schedulers"])
+            except ValueError as e:
+                progress = checkpoint.get("progress")
+                if progress is None:
+                    raise CheckpointError(f"{e} (and {path} records no progress to replay)") from e
+                # A run extended (or shortened) on resume: continue on the new length's schedule.
+                for schedule in self.prepared.schedules.values():
+                    schedule.fast_forward(steps=progress["step"], epochs=progress["epoch"])
+                self.logger.warning("LR schedule replayed for the new training length (%s).", e)
         states = checkpoint.get("rng") or []
         if self.rank < len(states):
             rnd.set_rng_state(states[self.rank])

@@ -1,0 +1,229 @@
+"""Finding what to resume: a run id, ``auto``, a run directory or a checkpoint.
+
+``python -m xp resume=<spec>`` is resolved here before Hydra composes anything, so the
+resumed run composes into its own run directory, from the config it was trained with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from xp.checkpoint import Checkpointer, CheckpointError, is_complete
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+ENV = "XP_RESUME"
+"""Carries the resolved target from ``xp.__main__`` to ``xp.run`` (and to workers)."""
+
+
+class ResumeError(ValueError):
+    """What was given to resume= or load_from= cannot be used; says what to do."""
+
+
+@dataclass(frozen=True)
+class ResumeTarget:
+    """A checkpoint to continue from, and the run it belongs to."""
+
+    checkpoint: str
+    """A complete checkpoint (file or folder)."""
+    run_dir: str
+    """The run directory to continue in."""
+    run_id: str | None
+    """The MLflow run to re-open; None when the store does not know the run."""
+    experiment_name: str
+    choices: dict[str, str]
+    """Config group -> option the run was composed with."""
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> ResumeTarget | None:
+        raw = os.environ.get(ENV)
+        return cls(**json.loads(raw)) if raw else None
+
+
+def _client(tracking_uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+def _meta(checkpoint: Path, run_dir: Path) -> dict[str, Any]:
+    """The run facts xp keeps: experiment name and config group choices.
+
+    ``run.json`` in the run directory has them; a checkpoint carries a copy (a sharded
+    one in its small ``extra.pt``) for when only the checkpoint is left.
+    """
+    run_file = run_dir / "run.json"
+    if run_file.is_file():
+        return dict(json.loads(run_file.read_text()))
+    from xp.checkpoint import load_file
+
+    state = load_file(checkpoint / "extra.pt" if checkpoint.is_dir() else checkpoint)
+    return dict(state.get("run", {}))
+
+
+def _latest_in(run_dir: Path) -> Path | None:
+    return Checkpointer(run_dir / "checkpoints").latest()
+
+
+def _from_path(path: Path) -> tuple[Path, Path]:
+    """(checkpoint, run_dir) of a run directory or a checkpoint inside one."""
+    path = path.resolve()
+    if not path.exists():
+        raise ResumeError(
+            f"resume={path} does not exist; give a run id, a run directory or a checkpoint."
+        )
+    if (path / "checkpoints").is_dir() or (path / ".hydra").is_dir():
+        latest = _latest_in(path)
+        if latest is None:
+            raise ResumeError(
+                f"The run directory {path} has no complete checkpoint (it stopped before its first "
+                "save); start it again instead."
+            )
+        return latest, path
+    if not is_complete(path):
+        raise ResumeError(
+            f"Checkpoint {path} is incomplete (its save was interrupted); resume from an earlier "
+            f"one in {path.parent}."
+        )
+    return path, path.parent.parent
+
+
+def _download_checkpoint(client: Any, run: Any, run_dir: Path) -> Path | None:
+    """Fetch the newest checkpoint of a run from its artifacts into ``run_dir``."""
+    try:
+        listed = client.list_artifacts(run.info.run_id, "checkpoints")
+    except Exception:  # a store without the artifact simply has nothing to offer
+        return None
+    names = sorted(a.path.rsplit("/", 1)[-1] for a in listed)
+    names = [n for n in names if re.match(r"^step_\d{8,}(\.pt)?$", n)]
+    if not names:
+        return None
+    target = run_dir / "checkpoints"
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target) as tmp:
+        local = Path(client.download_artifacts(run.info.run_id, f"checkpoints/{names[-1]}", tmp))
+        final = target / local.name
+        shutil.move(str(local), final)
+        for name in ("run.json", "config.yaml"):
+            # Older runs may lack them; the checkpoint carries copies.
+            with contextlib.suppress(Exception):
+                shutil.move(client.download_artifacts(run.info.run_id, name, tmp), run_dir / name)
+    return final if is_complete(final) else None
+
+
+def resolve(
+    spec: str, *, tracking_uri: str, experiment_name: str | None, outputs: Path
+) -> ResumeTarget:
+    """Turn ``resume=<spec>`` into a checkpoint, its run directory and its MLflow run.
+
+    Raises:
+        ResumeError: unknown run id, a run of another experiment, no checkpoint, ...
+    """
+    run = None
+    if RUN_ID.match(spec):
+        from mlflow.exceptions import MlflowException
+
+        client = _client(tracking_uri)
+        try:
+            run = client.get_run(spec)
+        except MlflowException as e:
+            raise ResumeError(
+                f"resume={spec}: no such MLflow run in {tracking_uri}; check the id "
+                "(`python -m xp ui` lists the runs) or MLFLOW_TRACKING_URI."
+            ) from e
+        experiment = client.get_experiment(run.info.experiment_id).name
+        if experiment_name is not None and experiment != experiment_name:
+            raise ResumeError(
+                f"resume={spec} is a run of experiment {experiment!r}, not {experiment_name!r}; "
+                f"drop experiment_name={experiment_name} or give a run of that experiment."
+            )
+        run_dir = Path(run.data.tags.get("xp.run_dir") or outputs / experiment / run.info.run_name)
+        checkpoint = _latest_in(run_dir) or _download_checkpoint(client, run, run_dir)
+        if checkpoint is None:
+            raise ResumeError(
+                f"resume={spec}: the run has no complete checkpoint, neither in {run_dir} nor in "
+                "its MLflow artifacts (it stopped before its first save); start it again."
+            )
+    elif spec == "auto":
+        return resolve_auto(
+            tracking_uri=tracking_uri, experiment_name=experiment_name, outputs=outputs
+        )
+    else:
+        checkpoint, run_dir = _from_path(Path(spec))
+    try:
+        meta = _meta(checkpoint, run_dir)
+    except CheckpointError as e:
+        raise ResumeError(f"resume={spec}: {e}") from e
+    run_id = run.info.run_id if run is not None else _run_id_of(run_dir, tracking_uri)
+    return ResumeTarget(
+        checkpoint=str(checkpoint),
+        run_dir=str(run_dir),
+        run_id=run_id,
+        experiment_name=meta.get("experiment_name") or run_dir.parent.name,
+        choices=dict(meta.get("choices", {})),
+    )
+
+
+def _run_id_of(run_dir: Path, tracking_uri: str) -> str | None:
+    """The MLflow run recorded for ``run_dir`` (tag ``xp.run_dir``), if the store has one."""
+    try:
+        client = _client(tracking_uri)
+        ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(ids, filter_string=f"tags.`xp.run_dir` = '{run_dir}'")
+    except Exception:  # no store, or not reachable: resume into a new MLflow run
+        return None
+    return runs[0].info.run_id if runs else None
+
+
+def resolve_auto(*, tracking_uri: str, experiment_name: str | None, outputs: Path) -> ResumeTarget:
+    """The newest unfinished run of the experiment (of this Slurm job, when requeued)."""
+    name = experiment_name or "default"
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        raise ResumeError(f"resume=auto: there is no experiment {name!r} in {tracking_uri}.")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        runs = sorted(runs, key=lambda r: r.data.tags.get("xp.slurm_job_id") != job)
+    for candidate in runs:
+        try:
+            return resolve(
+                candidate.info.run_id,
+                tracking_uri=tracking_uri,
+                experiment_name=name,
+                outputs=outputs,
+            )
+        except ResumeError:
+            continue
+    raise ResumeError(
+        f"resume=auto: experiment {name!r} has no unfinished run with a checkpoint; "
+        "start a new run."
+    )
+
+
+def checkpoint_for_load(spec: str, *, tracking_uri: str, outputs: Path) -> Path:
+    """``load_from=<run id | run dir | checkpoint>``: the checkpoint whose weights to load."""
+    if RUN_ID.match(spec):
+        return Path(
+            resolve(
+                spec, tracking_uri=tracking_uri, experiment_name=None, outputs=outputs
+            ).checkpoint
+        )
+    checkpoint, _ = _from_path(Path(spec))
+    return checkpoint
