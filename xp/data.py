@@ -10,12 +10,14 @@ same index batches, so both paths yield identical batches.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, get_worker_info
 
 from xp.randomness import derive_seed, seed_worker
 
@@ -54,17 +56,45 @@ def digits(*, val_fraction: float = 0.2, split_seed: int = 0) -> Datasets:
 
 
 class _IndexBatches:
-    """The index batches of the current epoch, from a start position (a batch sampler)."""
+    """The (epoch, index) batches of the current epoch, from a start position."""
 
     def __init__(self) -> None:
         self.batches: Sequence[torch.Tensor] = []
         self.start = 0
+        self.epoch = 0
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return (batch.tolist() for batch in self.batches[self.start :])
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.epoch
+        return ([(epoch, i) for i in batch.tolist()] for batch in self.batches[self.start :])
 
     def __len__(self) -> int:
         return len(self.batches) - self.start
+
+
+class _SeededSamples(Dataset):
+    """In a worker, seeds python, numpy and torch from (seed, rank, epoch, index) per sample.
+
+    Random augmentation in a worker then depends only on which sample it is, never on
+    which worker took it or how many samples that worker saw before: the same batches
+    with any ``num_workers``, and after a resume in the middle of an epoch.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        if get_worker_info() is not None:
+            sample_seed = derive_seed(self.seed, self.rank, epoch, index)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed)
+            torch.manual_seed(sample_seed)
+        return self.dataset[index]
 
 
 class EpochLoader:
@@ -122,7 +152,7 @@ class EpochLoader:
         else:
             self._generator = torch.Generator()
             self._loader = DataLoader(
-                dataset,
+                _SeededSamples(dataset, seed, rank),
                 batch_sampler=self._index_batches,
                 num_workers=num_workers,
                 pin_memory=pin_memory,
@@ -139,8 +169,10 @@ class EpochLoader:
         return len(range(self.rank, self.size, self.world_size))
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        n = self.samples_per_rank
+        """Batches per epoch, the same on every rank."""
+        # Unpadded, rank 0 has the largest share, and every rank yields as many batches as it
+        # does: a strategy whose forward communicates (FSDP, ZeRO-3) hangs otherwise.
+        n = self.samples_per_rank if self.pad else math.ceil(self.size / self.world_size)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -156,7 +188,13 @@ class EpochLoader:
             total = self.samples_per_rank * self.world_size
             order += order[: total - len(order)]
         mine = torch.tensor(order[self.rank :: self.world_size], dtype=torch.long)
-        self._index_batches.batches = mine.split(self.batch_size)[: len(self)]
+        batches = list(mine.split(self.batch_size)[: len(self)])
+        if len(batches) < len(self):
+            # One sample short of rank 0, this rank is one batch short: halve its last batch
+            # (an empty batch when it has no sample at all).
+            batches = [*batches[:-1], *batches[-1].tensor_split(2)] if batches else [mine]
+        self._index_batches.batches = batches
+        self._index_batches.epoch = epoch
         if self._loader is not None:
             self._generator.manual_seed(derive_seed(self.seed, self.rank, epoch))
 

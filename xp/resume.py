@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,7 +73,25 @@ def _meta(checkpoint: Path, run_dir: Path) -> dict[str, Any]:
 
 
 def _latest_in(run_dir: Path) -> Path | None:
-    return Checkpointer(run_dir / "checkpoints").latest()
+    """The newest complete checkpoint; newer incomplete ones (a save cut short) are named."""
+    checkpoints = Checkpointer(run_dir / "checkpoints")
+    latest = checkpoints.latest()
+    folder = run_dir / "checkpoints"
+    if folder.is_dir():
+        newer = sorted(
+            p.name
+            for p in folder.iterdir()
+            if re.match(r"^\.?step_\d{8,}", p.name)
+            and not is_complete(p)
+            and (latest is None or p.name.lstrip(".") > latest.name)
+        )
+        if newer:
+            print(
+                f"xp: skipping incomplete checkpoint(s) {newer} in {folder} (a save was cut "
+                f"short); resuming from {latest.name if latest else 'nothing'}.",
+                file=sys.stderr,
+            )
+    return latest
 
 
 def _from_path(path: Path) -> tuple[Path, Path]:

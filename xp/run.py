@@ -587,6 +587,14 @@ def _finish_failed(
     try:
         if log_file is not None and log_file.exists():
             tracker.log_artifact(log_file)
+        if strategy is not None and status == "KILLED" and tracker.settings.log_checkpoints:
+            # A stopped run is resumed later, maybe where this folder is gone: keep its state.
+            latest = Checkpointer(strategy.checkpoint_dir).latest()
+            if latest is not None:
+                tracker.log_checkpoint(latest)
+            for name in ("config.yaml", "run.json"):
+                if (strategy.log_dir / name).exists():
+                    tracker.log_artifact(strategy.log_dir / name)
         tracker.close(status, error=error)
     except TrackingError as e:
         print(f"xp: could not record the run's end in MLflow: {e}", file=sys.stderr)

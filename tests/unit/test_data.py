@@ -96,6 +96,21 @@ def test_workers_are_seeded_from_seed_rank_and_epoch() -> None:
     assert not torch.equal(draws[0], draws[1])
 
 
+@pytest.mark.slow
+def test_augmentation_in_workers_follows_the_sample_not_the_worker() -> None:
+    """Random augmentation is the same with 0 or 2 workers and when starting mid-epoch."""
+    kw = {"batch_size": 2, "shuffle": True, "seed": 5}
+    two = EpochLoader(Noisy(), num_workers=2, **kw)
+    two.set_epoch(3)
+    straight = list(two)
+    two.set_epoch(3)
+    resumed = list(two.iter_from(2))
+    assert all(torch.equal(a, b) for a, b in zip(straight[2:], resumed, strict=True))
+    one = EpochLoader(Noisy(), num_workers=1, **kw)
+    one.set_epoch(3)
+    assert all(torch.equal(a, b) for a, b in zip(straight, list(one), strict=True))
+
+
 def test_bad_loader_settings() -> None:
     with pytest.raises(ValueError, match="data.batch_size=0"):
         EpochLoader(tensors(), batch_size=0, shuffle=True, seed=0)
