@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from typing import Any
 
 import numpy as np
@@ -82,7 +83,7 @@ def derive_seed(*parts: int) -> int:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed python and numpy from the worker's torch seed.
+    """DataLoader ``worker_init_fn``: seed python and numpy; leave stop signals to the run.
 
     torch seeds each worker with the loader's base seed + worker id, and xp draws that base
     seed from a generator seeded by (seed, rank, epoch), so every worker's RNGs follow from
@@ -91,3 +92,7 @@ def seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % 2**32
     random.seed(worker_seed)
     np.random.seed(worker_seed)
+    # A stop signal meant for the run (Slurm signals every process of the job) must not kill
+    # the workers mid-batch: the main process finishes its step, saves, and shuts them down.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)

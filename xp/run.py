@@ -402,14 +402,18 @@ def run(cfg: DictConfig) -> float | None:
             ),
             checkpoint_extra={"config": built.config_yaml, "run": _run_facts(cfg)},
         )
+        resumed = None
         if target is not None:
-            trainer.load_state(strategy.resume(Path(target.checkpoint)))
+            resumed = strategy.resume(Path(target.checkpoint))
+            trainer.load_state(resumed)
         elif cfg.load_from:
             strategy.load_checkpoint(_load_from(cfg), strict=False)
         tracker = build_tracker(cfg, strategy, built.tracking, target, accepted)
         if tracker is not None:
             tracker.start()
         trainer.tracker = tracker
+        if resumed is not None:
+            trainer.replay_unstored_metrics(resumed)
         started = True
         if strategy.is_main_process:
             _write_run_files(strategy, built.config_yaml, _run_facts(cfg))

@@ -14,6 +14,7 @@ type checking, which keeps omegaconf out too).
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import logging
 import os
@@ -268,6 +269,9 @@ class MlflowTracker:
         self._unsent: list[Any] = []  # mlflow.entities.Metric, converted, not yet written
         self._known_keys: set[str] = set()
         self._logged_until: dict[str, int] = {}
+        self._converted_through = -1
+        self.written_through_step = -1
+        """Every metric point up to this step is in the store (read by the training thread)."""
         self._bad_keys: set[str] = set()
         self._store_down = False
         self._last_error: BaseException | None = None
@@ -538,6 +542,7 @@ class MlflowTracker:
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
+        _create_sqlite_store_atomically(self.tracking_uri)
         client = MlflowClient(self.tracking_uri)
         if self._reopen_id is not None:
             run = client.get_run(self._reopen_id)
@@ -654,6 +659,7 @@ class MlflowTracker:
             if outcome is False:
                 self._lost_points += len(chunk)
             del self._unsent[: len(chunk)]
+        self.written_through_step = self._converted_through
         while self._ops:
             op = self._ops[0]
             outcome = self._attempt(op.what, op.apply, client, run_id)
@@ -700,6 +706,7 @@ class MlflowTracker:
         pending = self._metrics
         while pending:
             timestamp, step, metrics = pending.popleft()
+            self._converted_through = max(self._converted_through, int(step))
             for key, value in metrics.items():
                 if step <= self._logged_until.get(key, -1):
                     continue
@@ -793,6 +800,30 @@ class MlflowTracker:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _create_sqlite_store_atomically(uri: str) -> None:
+    """Create a new SQLite store under a temporary name, then link it into place.
+
+    MLflow's ~2 s of migrations, cut short by a kill, would leave a store that no later
+    run can open; a store that appears under its final name is always complete.
+    """
+    if not uri.lower().startswith("sqlite:///"):
+        return
+    database = Path(uri[len("sqlite:///") :])
+    if database.exists():
+        return
+    from mlflow import MlflowClient
+
+    database.parent.mkdir(parents=True, exist_ok=True)
+    tmp = database.with_name(f".{database.name}.{os.getpid()}.tmp")
+    try:
+        MlflowClient(f"sqlite:///{tmp.as_posix()}").search_experiments(max_results=1)
+        # Fails if another process created it meanwhile: then theirs is used.
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, database)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _is_http(uri: str) -> bool:

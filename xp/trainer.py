@@ -23,6 +23,9 @@ from xp.strategy.base import Prepared, Strategy, TrainingLength
 class MetricSink(Protocol):
     """Where metrics go (the MLflow tracker); must return at once."""
 
+    written_through_step: int
+    """Every point up to this step is stored; later ones may still be in a buffer."""
+
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None: ...
 
 
@@ -202,6 +205,7 @@ class Trainer:
         self.progress = Progress()
         self._window = LogWindow(strategy.root_device)
         self._skipped = 0
+        self._unconfirmed: list[tuple[int, dict[str, Any]]] = []
         self._stop_signal: int | None = None
         self._agreed_signal = 0
         self._lr_keys = (
@@ -349,8 +353,7 @@ class Trainer:
             metrics[key] = wrapper.get_lr()[0]
         if self._skipped:
             metrics["train/skipped_batches"] = self._skipped
-        if self.tracker is not None:
-            self.tracker.log_metrics(metrics, p.step)
+        self._log(metrics, p.step)
         if bar.enabled:
             lr = metrics[next(iter(self._lr_keys))]
             bar.postfix = f"epoch {p.epoch} loss {float(mean_loss):.4f} lr {lr:.3g}"
@@ -375,8 +378,7 @@ class Trainer:
         loss, correct, count = totals.tolist()
         result = {"val/loss": loss / count, "val/acc": correct / count}
         self.metrics.update(result)
-        if self.tracker is not None:
-            self.tracker.log_metrics(result, p.step)
+        self._log(result, p.step)
         self.strategy.logger.info(
             "epoch %d step %d: val/loss %.4f val/acc %.4f",
             p.epoch,
@@ -386,6 +388,30 @@ class Trainer:
         )
         model.train()
         return result
+
+    def _log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step)
+            self._unconfirmed.append((step, metrics))
+            if len(self._unconfirmed) > 512:  # checkpoints are rare or off: drop what is stored
+                stored = self.tracker.written_through_step
+                self._unconfirmed = [(s, m) for s, m in self._unconfirmed if s > stored]
+
+    def _metrics_not_yet_stored(self) -> list[tuple[int, dict[str, float]]]:
+        """Logged points the store may not hold yet: a checkpoint keeps them, so a run killed
+        before its tracker flushed still gets a complete history when it resumes."""
+        if self.tracker is None:
+            return []
+        stored = self.tracker.written_through_step
+        self._unconfirmed = [(s, m) for s, m in self._unconfirmed if s > stored]
+        return [(s, {k: float(v) for k, v in m.items()}) for s, m in self._unconfirmed]
+
+    def replay_unstored_metrics(self, checkpoint: Mapping[str, Any]) -> None:
+        """Log again what the checkpoint kept; the tracker skips points already stored."""
+        if self.tracker is None:
+            return
+        for step, metrics in checkpoint.get("unstored_metrics", []):
+            self.tracker.log_metrics(metrics, int(step))
 
     def load_state(self, checkpoint: Mapping[str, Any]) -> Progress:
         """Continue from a checkpoint the strategy resumed: progress, metrics, log window."""
@@ -402,6 +428,7 @@ class Trainer:
             "progress": p.state_dict(),
             "log_window": self._window.state_dict(),
             "metrics": dict(self.metrics),
+            "unstored_metrics": self._metrics_not_yet_stored(),
             **self.checkpoint_extra,
         }
         self.strategy.save_checkpoint(path, extra=extra)

@@ -1,0 +1,238 @@
+"""Resume by run id, bit-exact continuation, surviving kills; the real CLI and store."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+# Long enough to stop in the middle; checkpoints often, so a kill loses little.
+RUN = [
+    "trainer.max_epochs=12",
+    "trainer.checkpoint_interval_steps=7",
+    "tracking.flush_interval_s=0.2",
+]
+
+
+def start(workdir: Path, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "xp", *args],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for_checkpoint(workdir: Path, experiment: str, proc: subprocess.Popen[str]) -> Path:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = sorted((workdir / "outputs" / experiment).glob("*/checkpoints/step_*.pt"))
+        if found:
+            return found[0].parent.parent
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended early: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.05)
+    pytest.fail("no checkpoint appeared")
+
+
+def the_run(store, experiment: str):
+    exp = store.get_experiment_by_name(experiment)
+    (run,) = store.search_runs([exp.experiment_id])
+    return run
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
+    return torch.load(last, weights_only=True)["model"]
+
+
+def history(store, run_id: str, key: str = "train/loss") -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in store.get_metric_history(run_id, key)]
+
+
+@pytest.fixture
+def straight(xp, workdir: Path, store):
+    """The same configs trained without interruption, once per config."""
+    cache: dict[tuple[str, ...], tuple[dict, list]] = {}
+
+    def _get(*extra: str):
+        if extra not in cache:
+            name = f"straight{len(cache)}"
+            result = xp(*RUN, *extra, f"experiment_name={name}")
+            assert result.returncode == 0, result.stderr[-3000:]
+            run = the_run(store, name)
+            (run_dir,) = (workdir / "outputs" / name).iterdir()
+            cache[extra] = (final_state(run_dir), history(store, run.info.run_id))
+        return cache[extra]
+
+    return _get
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("data.num_workers=2", "optim.accumulative_counts=3")],
+    ids=["plain", "workers+accumulation"],
+)
+def test_sigterm_then_resume_is_bit_exact(xp, workdir, store, straight, extra) -> None:
+    proc = start(workdir, *RUN, *extra, "experiment_name=stopped")
+    run_dir = wait_for_checkpoint(workdir, "stopped", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    run = the_run(store, "stopped")
+    assert run.info.status == "KILLED"
+
+    result = xp(f"resume={run.info.run_id}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = the_run(store, "stopped")  # still one run
+    assert run.info.status == "FINISHED"
+    assert list((workdir / "outputs" / "stopped").iterdir()) == [run_dir]
+    expected_state, expected_history = straight(*extra)
+    assert_same(final_state(run_dir), expected_state)
+    assert history(store, run.info.run_id) == expected_history  # continuous, no duplicates
+
+
+def test_kill_9_at_a_random_moment_then_resume_is_bit_exact(xp, workdir, store, straight):
+    long = "trainer.max_epochs=150"  # still training when the kill comes, even on a busy machine
+    proc = start(workdir, *RUN, long, "experiment_name=killed")
+    run_dir = wait_for_checkpoint(workdir, "killed", proc)
+    while store.get_experiment_by_name("killed") is None:  # the run is created in the background
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.5))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    run = the_run(store, "killed")
+    assert run.info.status == "RUNNING"  # nobody could mark it
+
+    result = xp(f"resume={run.info.run_id}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = the_run(store, "killed")
+    assert run.info.status == "FINISHED"
+    expected_state, expected_history = straight(long)
+    assert_same(final_state(run_dir), expected_state)
+    assert history(store, run.info.run_id) == expected_history
+
+
+def test_resume_after_the_run_directory_is_gone(xp, workdir, store, straight) -> None:
+    proc = start(workdir, *RUN, "experiment_name=moved")
+    run_dir = wait_for_checkpoint(workdir, "moved", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    run = the_run(store, "moved")
+    assert "checkpoints" in {a.path for a in store.list_artifacts(run.info.run_id)}
+    shutil.rmtree(run_dir)
+
+    result = xp(f"resume={run.info.run_id}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert the_run(store, "moved").info.status == "FINISHED"
+    assert_same(final_state(run_dir), straight()[0])
+
+
+def test_extend_a_finished_run_and_record_the_override(xp, workdir, store) -> None:
+    assert xp("trainer.max_epochs=2", "experiment_name=extend").returncode == 0
+    run = the_run(store, "extend")
+    result = xp(f"resume={run.info.run_id}", "trainer.max_epochs=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = the_run(store, "extend")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["xp.resume_overrides"] == "trainer.max_epochs=3"
+    assert run.data.params["trainer.max_epochs"] == "2"  # params are not rewritten
+    steps = [s for s, _ in history(store, run.info.run_id)]
+    assert steps == sorted(set(steps)) and steps[-1] == 3 * 23 // 10 * 10
+    assert len(history(store, run.info.run_id, "val/acc")) == 3
+
+
+def test_resume_auto_and_load_from(xp, workdir, store) -> None:
+    proc = start(workdir, *RUN, "experiment_name=auto")
+    wait_for_checkpoint(workdir, "auto", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    result = xp("resume=auto", "experiment_name=auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    finished = the_run(store, "auto")
+    assert finished.info.status == "FINISHED"
+
+    result = xp(f"load_from={finished.info.run_id}", "trainer.max_epochs=1", "experiment_name=tune")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tuned = the_run(store, "tune")
+    assert tuned.info.run_id != finished.info.run_id
+    assert tuned.data.tags["xp.load_from"] == finished.info.run_id
+    assert tuned.data.metrics["val/acc"] >= 0.95  # starts from trained weights
+
+
+def test_changing_the_model_on_resume_is_refused(xp, workdir, store) -> None:
+    assert xp("trainer.max_epochs=1", "experiment_name=shape").returncode == 0
+    run = the_run(store, "shape")
+    result = xp(f"resume={run.info.run_id}", "model.hidden_sizes=[64]")
+    assert result.returncode == 1
+    assert "model.hidden_sizes: saved [128, 128], given [64]" in result.stderr
+    assert the_run(store, "shape").info.status == "FINISHED"
+
+
+def test_restored_config_builds_only_allowed_targets(xp, workdir, store) -> None:
+    assert xp("trainer.max_epochs=1", "experiment_name=evil").returncode == 0
+    (run_dir,) = (workdir / "outputs" / "evil").iterdir()
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("_target_: xp.model.MLP", "_target_: os.system"))
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    result = xp(f"resume={run_dir}", "trainer.max_epochs=2")
+    assert result.returncode == 1
+    assert "model._target_='os.system'" in result.stderr
+    assert "target_allowlist=[os.]" in result.stderr
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # the original run and its files untouched
+
+
+def test_bad_resume_inputs_are_one_line_errors(xp, workdir, store) -> None:
+    result = xp("resume=0123456789abcdef0123456789abcdef", timeout=120)
+    assert result.returncode == 1
+    assert "no such MLflow run" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    assert xp("trainer.max_epochs=1", "experiment_name=one").returncode == 0
+    run = the_run(store, "one")
+    other = xp(f"resume={run.info.run_id}", "experiment_name=two", timeout=120)
+    assert other.returncode == 1 and "is a run of experiment 'one', not 'two'" in other.stderr
+
+    result = xp(
+        "trainer.max_epochs=1", "trainer.checkpoint_interval_epochs=0", "experiment_name=none"
+    )
+    assert result.returncode == 0
+    bare = the_run(store, "none")
+    missing = xp(f"resume={bare.info.run_id}", timeout=120)
+    assert missing.returncode == 1 and "has no complete checkpoint" in missing.stderr
+
+    (run_dir,) = (workdir / "outputs" / "one").iterdir()
+    last = sorted((run_dir / "checkpoints").glob("*.pt"))[-1]
+    last.write_bytes(last.read_bytes()[:1000])
+    corrupt = xp(f"resume={last}", timeout=120)
+    assert corrupt.returncode == 1
+    assert "corrupt or truncated" in corrupt.stderr
+    assert "Traceback" not in corrupt.stderr
+
+
+def test_nan_loss_stops_the_run_with_a_clear_message(xp, workdir, store) -> None:
+    result = xp("optim=sgd", "optim.lr=1e12", "trainer.max_epochs=2", "experiment_name=nan")
+    assert result.returncode == 1
+    assert "The training loss became nan" in result.stderr
+    assert the_run(store, "nan").info.status == "FAILED"
