@@ -3,17 +3,26 @@
 A checkpoint is complete exactly when its final name exists: it is written under a
 temporary name in the same folder, flushed to disk, then renamed. A kill during a save
 therefore leaves the previous checkpoint as the latest one.
+
+:class:`AsyncCheckpointWriter` moves the write off the training thread: training waits
+only for a copy of the state into host memory, and a background thread writes that copy
+with :func:`atomic_save`.
 """
 
 from __future__ import annotations
 
 import builtins
+import copy
 import os
 import pickle
 import re
 import shutil
 import zipfile
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -172,3 +181,225 @@ def _owned_by_live_process(tmp: Path) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# --------------------------------------------------------------------------- asynchronous saves
+
+_Position = tuple[Any, ...]
+"""Where a tensor sits in a state: the keys and indices that lead to it."""
+_IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes of the tensors in ``state`` (nested dicts, lists and tuples), each view once."""
+    seen: dict[tuple[Any, ...], int] = {}
+    _collect_nbytes(state, seen)
+    return sum(seen.values())
+
+
+def _collect_nbytes(obj: Any, seen: dict[tuple[Any, ...], int]) -> None:
+    if isinstance(obj, torch.Tensor):
+        seen[_alias_key(obj)] = obj.numel() * obj.element_size()
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _collect_nbytes(value, seen)
+    elif isinstance(obj, list | tuple):
+        for value in obj:
+            _collect_nbytes(value, seen)
+
+
+def _alias_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """Equal for two tensor objects that are the same view of the same memory."""
+    if t.layout != torch.strided:
+        return ("object", id(t))
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        t.stride(),
+        t.dtype,
+    )
+
+
+class _OnDoneFailed(Exception):
+    """The file was written, then the ``on_done`` callback raised (its error is the cause)."""
+
+
+class AsyncCheckpointWriter:
+    """Writes single-file checkpoints on one background thread, one save at a time.
+
+    :meth:`submit` blocks training only while it copies the state into host memory; a
+    background thread then writes that copy with :func:`atomic_save`, so a kill during
+    the write leaves the previous checkpoint complete. The copy goes into buffers kept
+    from the previous save when the shapes and dtypes match (pinned memory for CUDA
+    tensors), so after the first save it costs one memcpy per tensor and no allocation;
+    the price is host memory for one copy of the state for as long as the writer lives.
+
+    Call it from one thread (the training loop). Errors of a background save surface on
+    that thread, as :class:`CheckpointError`, from the next :meth:`wait`, :meth:`submit`
+    or :meth:`close`. Use it as a context manager, or call :meth:`close`, so the last
+    save is on disk before the process moves on (e.g. to upload checkpoints).
+
+    Args:
+        on_done: Called with the path on the background thread after each file is
+            complete, e.g. ``lambda path: checkpointer.prune()``.
+    """
+
+    def __init__(self, on_done: Callable[[Path], None] | None = None) -> None:
+        self._on_done = on_done
+        self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="xp-checkpoint"
+        )
+        self._pending: tuple[Path, Future[None]] | None = None
+        self._buffers: dict[_Position, torch.Tensor] = {}
+
+    @property
+    def pending(self) -> Path | None:
+        """The path of the save submitted last, until :meth:`wait` has collected it."""
+        return self._pending[0] if self._pending is not None else None
+
+    def submit(self, state: dict[str, Any], path: Path) -> None:
+        """Snapshot ``state`` into host memory, then write it to ``path`` in the background.
+
+        Waits for the previous save first, so at most one is ever in flight. Once this
+        returns, training may change the tensors and containers of ``state`` freely.
+
+        Raises:
+            CheckpointError: The previous save failed; ``state`` was not submitted.
+            RuntimeError: The writer is closed.
+        """
+        if self._executor is None:
+            raise RuntimeError(
+                f"AsyncCheckpointWriter.submit({path}) after close(); create a new writer."
+            )
+        self.wait()
+        path = Path(path)
+        snapshot = self._snapshot(state)
+        self._pending = (path, self._executor.submit(self._write, snapshot, path))
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is on disk and ``on_done`` has run.
+
+        Raises:
+            CheckpointError: The save or its ``on_done`` failed; raised once.
+        """
+        if self._pending is None:
+            return
+        path, future = self._pending
+        self._pending = None
+        try:
+            future.result()
+        except _OnDoneFailed as e:
+            cause = e.__cause__
+            raise CheckpointError(
+                f"Checkpoint {path} was saved, but on_done({path}) then raised "
+                f"{type(cause).__name__}: {cause}; fix the callback (old checkpoints may not "
+                "have been pruned)."
+            ) from cause
+        except Exception as e:
+            raise CheckpointError(
+                f"Writing checkpoint {path} in the background failed ({type(e).__name__}: {e}); "
+                f"the previous checkpoint is untouched. Check that {path.parent} is writable "
+                "and has free space."
+            ) from e
+
+    def close(self) -> None:
+        """Wait for the save in flight, then stop the thread and free the buffers; idempotent.
+
+        Raises:
+            CheckpointError: The save in flight failed (the thread is stopped regardless).
+        """
+        if self._executor is None:
+            return
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            self._buffers = {}
+
+    def __enter__(self) -> AsyncCheckpointWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _write(self, snapshot: dict[str, Any], path: Path) -> None:
+        atomic_save(snapshot, path)
+        if self._on_done is not None:
+            try:
+                self._on_done(path)
+            except Exception as e:
+                raise _OnDoneFailed from e
+
+    def _snapshot(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A copy of ``state`` on the CPU that shares no memory training can write."""
+        buffers: dict[_Position, torch.Tensor] = {}
+        copies: dict[tuple[Any, ...], torch.Tensor] = {}
+        devices: set[torch.device] = set()
+        snapshot = self._copy(state, (), buffers, copies, devices)
+        # Copies from CUDA were queued without blocking; the thread reads them next.
+        for device in devices:
+            torch.cuda.synchronize(device)
+        # Buffers of tensors that are gone (a shape or key changed) are freed here.
+        self._buffers = buffers
+        return snapshot
+
+    def _copy(
+        self,
+        obj: Any,
+        position: _Position,
+        buffers: dict[_Position, torch.Tensor],
+        copies: dict[tuple[Any, ...], torch.Tensor],
+        devices: set[torch.device],
+    ) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self._copy_tensor(obj.detach(), position, buffers, copies, devices)
+        if isinstance(obj, _IMMUTABLE):
+            return obj
+        if type(obj) in (dict, OrderedDict):
+            return type(obj)(
+                (k, self._copy(v, (*position, k), buffers, copies, devices)) for k, v in obj.items()
+            )
+        if type(obj) is list or type(obj) is tuple:
+            return type(obj)(
+                self._copy(v, (*position, i), buffers, copies, devices) for i, v in enumerate(obj)
+            )
+        # Other objects (dict subclasses, dataclasses...) are rare in states; a deep copy
+        # is correct for them, though it copies any tensors inside on their own device.
+        return copy.deepcopy(obj)
+
+    def _copy_tensor(
+        self,
+        t: torch.Tensor,
+        position: _Position,
+        buffers: dict[_Position, torch.Tensor],
+        copies: dict[tuple[Any, ...], torch.Tensor],
+        devices: set[torch.device],
+    ) -> torch.Tensor:
+        if t.layout != torch.strided or t.is_quantized:
+            return t.to("cpu", copy=True)
+        # Two entries holding the same view (tied weights) stay one tensor in the file.
+        alias = _alias_key(t)
+        if alias in copies:
+            return copies[alias]
+        pinned = t.is_cuda
+        buffer = self._buffers.get(position)
+        if (
+            buffer is None
+            or buffer.shape != t.shape
+            or buffer.dtype != t.dtype
+            or buffer.is_pinned() != pinned
+        ):
+            buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+        buffer.copy_(t, non_blocking=pinned)
+        if pinned:
+            devices.add(t.device)
+        buffers[position] = copies[alias] = buffer
+        return buffer

@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
         print(f"xp export: error: {e}", file=sys.stderr)
         return 1
     out = Path(values["out"])
-    atomic_save(state, out)  # type: ignore[arg-type]
+    atomic_save(state, out)
     count = sum(v.numel() for v in state.values())
     print(f"Wrote {len(state)} tensors ({count:,} values) to {out}")
     return 0
