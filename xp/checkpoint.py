@@ -246,7 +246,7 @@ class AsyncCheckpointWriter:
             complete, e.g. ``lambda path: checkpointer.prune()``.
     """
 
-    def __init__(self, on_done: Callable[[Path], None] | None = None) -> None:
+    def __init__(self, on_done: Callable[[Path], object] | None = None) -> None:
         self._on_done = on_done
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="xp-checkpoint"

@@ -443,6 +443,8 @@ class TrainerConfig:
     """Also save every this many optimizer steps; 0 turns it off."""
     keep_checkpoints: int = 3
     """How many of the newest checkpoints to keep; 0 keeps all."""
+    async_checkpoint: bool = False
+    """Write single-file checkpoints in the background: training stalls only for a CPU copy."""
     objective: str = "val/acc"
     """The metric returned to Hydra (and its sweepers) at the end."""
     progress_bar: bool | None = None

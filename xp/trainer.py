@@ -204,6 +204,9 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.progress = Progress()
         self._window = LogWindow(strategy.root_device)
+        self.async_checkpoints = settings.async_checkpoint and strategy.use_async_checkpoints(
+            on_done=lambda _: checkpointer.prune()
+        )
         self._skipped = 0
         self._unconfirmed: list[tuple[int, dict[str, Any]]] = []
         self._stop_signal: int | None = None
@@ -288,6 +291,7 @@ class Trainer:
             s.checkpoint_interval_epochs or s.checkpoint_interval_steps
         ):
             self.save_checkpoint(p)
+        self.strategy.wait_for_checkpoints()
         return self.metrics
 
     # ------------------------------------------------------------------ stopping
@@ -315,6 +319,7 @@ class Trainer:
         bar.close()
         if checkpointed_at != p.step:
             self.save_checkpoint(p)
+        self.strategy.wait_for_checkpoints()
         signum = self._stop_signal or signal.SIGTERM
         self.strategy.logger.warning(
             "Stopped by %s at step %d; resume continues from %s.",
@@ -432,7 +437,7 @@ class Trainer:
             **self.checkpoint_extra,
         }
         self.strategy.save_checkpoint(path, extra=extra)
-        if self.strategy.is_main_process:
+        if self.strategy.is_main_process and not self.async_checkpoints:
             self.checkpointer.prune()
         self.last_checkpoint = path
         self.strategy.logger.info("Saved checkpoint %s.", path)

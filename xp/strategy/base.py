@@ -24,7 +24,13 @@ import torch
 from torch import nn
 
 from xp import randomness as rnd
-from xp.checkpoint import Checkpointer, CheckpointError, atomic_save, load_file
+from xp.checkpoint import (
+    AsyncCheckpointWriter,
+    Checkpointer,
+    CheckpointError,
+    atomic_save,
+    load_file,
+)
 from xp.config import (
     AutoScaleLRConfig,
     CompileConfig,
@@ -121,6 +127,7 @@ class Strategy(ABC):
         self._info: DistInfo = dist_info(launcher or infer_launcher())
         self._seed: int = 0
         self._prepared: Prepared | None = None
+        self._async_writer: AsyncCheckpointWriter | None = None
         self._setup_env(
             cudnn_benchmark=cudnn_benchmark,
             mp_start_method=mp_start_method,
@@ -298,7 +305,10 @@ class Strategy(ABC):
         return build_logger(self._log_dir / f"{self.timestamp}.log", rank=self.rank)
 
     def teardown(self) -> None:
-        """Release what :meth:`__init__` acquired (the process group); safe to call twice."""
+        """Finish background writes and leave the process group; safe to call twice."""
+        if self._async_writer is not None:
+            writer, self._async_writer = self._async_writer, None
+            writer.close()
         self._teardown_distributed()
 
     def __enter__(self) -> Strategy:
@@ -627,10 +637,35 @@ class Strategy(ABC):
         if optimizer and "optim" in checkpoint:
             self.load_optim_state_dict(checkpoint["optim"])
 
-    def _write_checkpoint(self, state: dict[str, Any], path: Path) -> None:
-        """Write a single-file checkpoint from rank 0."""
+    def use_async_checkpoints(self, on_done: Callable[[Path], object] | None = None) -> bool:
+        """Write later checkpoints in the background; False where the strategy cannot.
+
+        Args:
+            on_done: Called on the writer's thread after each checkpoint is complete.
+        """
+        if self.sharded_checkpoints:
+            self.logger.warning(
+                "trainer.async_checkpoint applies to single-file checkpoints; %s saves its "
+                "sharded checkpoints synchronously.",
+                type(self).__name__,
+            )
+            return False
         if self.is_main_process:
-            atomic_save(state, path)
+            self._async_writer = AsyncCheckpointWriter(on_done=on_done)
+        return True
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until a checkpoint being written in the background is complete."""
+        if self._async_writer is not None:
+            self._async_writer.wait()
+
+    def _write_checkpoint(self, state: dict[str, Any], path: Path) -> None:
+        """Write a single-file checkpoint from rank 0 (in the background when asked)."""
+        if self.is_main_process:
+            if self._async_writer is not None:
+                self._async_writer.submit(state, path)
+            else:
+                atomic_save(state, path)
         self.barrier()
 
     def _read_checkpoint(self, path: Path) -> dict[str, Any]:
