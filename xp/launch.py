@@ -64,6 +64,7 @@ def launch_workers(nproc_per_node: int, master_port: int | None, argv: list[str]
     The workers inherit this process's environment, including XP_TIMESTAMP and
     XP_LAUNCH_DIR, so they compose the same run directory.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -90,6 +91,12 @@ def launch_workers(nproc_per_node: int, master_port: int | None, argv: list[str]
         failures = ", ".join(f"rank {r} exit {f.exitcode}" for r, f in sorted(e.failures.items()))
         print(f"xp: workers failed ({failures}); see their messages above.", file=sys.stderr)
         return 1
+    except SignalException as e:
+        # The agent passed the signal on; the workers saved a checkpoint and stopped.
+        print(
+            f"xp: stopped by {e.sigval.name}; the workers saved where they were.", file=sys.stderr
+        )
+        return 128 + int(e.sigval)
     return 0
 
 

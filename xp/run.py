@@ -374,17 +374,21 @@ def run(cfg: DictConfig) -> float | None:
     """Train the composed experiment; returns ``trainer.objective`` for Hydra's sweepers."""
     log_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     created_here = _fresh_run_dir(log_dir)
+    target = ResumeTarget.from_env()
+    accepted: dict[str, Any] = {}
+    if target is not None:
+        try:
+            cfg, accepted = restore_config(cfg, target)
+        except ResumeError as e:
+            print(f"xp: error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
     nproc = int(cfg.strategy.get("nproc_per_node", 1))
     if infer_launcher() is Launcher.none and nproc != 1:
         return _run_workers(cfg, log_dir, nproc, created_here)
-    target = ResumeTarget.from_env()
     tracker: MlflowTracker | None = None
     strategy: Strategy | None = None
     started = False
     try:
-        accepted: dict[str, Any] = {}
-        if target is not None:
-            cfg, accepted = restore_config(cfg, target)
         check_targets(cfg, allowed=cfg.target_allowlist, restored=target is not None)
         built = build(cfg, log_dir)
         strategy = built.strategy

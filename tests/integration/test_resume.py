@@ -90,8 +90,13 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [(), ("data.num_workers=2", "optim.accumulative_counts=3"), ("trainer.async_checkpoint=true",)],
-    ids=["plain", "workers+accumulation", "async-checkpoints"],
+    [
+        (),
+        ("data.num_workers=2", "optim.accumulative_counts=3"),
+        ("trainer.async_checkpoint=true",),
+        ("strategy=ddp", "strategy.nproc_per_node=2", "data.batch_size=32"),
+    ],
+    ids=["plain", "workers+accumulation", "async-checkpoints", "ddp-2-ranks"],
 )
 def test_sigterm_then_resume_is_bit_exact(xp, workdir, store, straight, extra) -> None:
     proc = start(workdir, *RUN, *extra, "experiment_name=stopped")
