@@ -115,6 +115,15 @@ def test_invalid_setting_found_while_building_leaves_nothing(xp, workdir: Path, 
     assert [e.name for e in store.search_experiments()] == ["Default"]
 
 
+def test_unreachable_mlflow_server_fails_before_training(xp, workdir: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = xp(f"tracking.tracking_uri={uri}", "trainer.max_epochs=1", timeout=120)
+    assert result.returncode == 1
+    assert f"xp: error: tracking_uri='{uri}': the MLflow server does not answer" in result.stderr
+    assert "mlflow server --host 127.0.0.1" in result.stderr
+    assert run_dirs(workdir) == []
+
+
 def test_failure_during_training_marks_the_run_failed(xp, workdir: Path, store) -> None:
     result = xp("model.in_features=65", "trainer.max_epochs=1")
     assert result.returncode != 0
