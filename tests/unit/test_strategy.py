@@ -284,3 +284,20 @@ def test_diff_rank_seed_offsets_by_rank(tmp_path: Path) -> None:
         randomness=RandomnessConfig(seed=10, diff_rank_seed=True),
     )
     assert strategy.seed == 10 + strategy.rank
+
+
+@pytest.mark.slow
+def test_compiled_forward_matches_eager(tmp_path: Path) -> None:
+    strategy = make_strategy(tmp_path)
+    eager = prepare(strategy).model
+    compiled = make_strategy(tmp_path / "c").prepare(
+        lambda: MLP(in_features=8, hidden_sizes=[16], num_classes=3, dropout=0.0), compile=True
+    )
+    compiled.model.load_state_dict(eager.state_dict())
+    eager.eval()
+    compiled.model.eval()
+    x = torch.randn(4, 8)
+    assert "compile" in type(compiled.model.forward).__module__ or hasattr(
+        compiled.model.forward, "_torchdynamo_orig_callable"
+    )
+    assert torch.allclose(compiled.model(x), eager(x), atol=1e-5)

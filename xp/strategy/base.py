@@ -327,6 +327,7 @@ class Strategy(ABC):
         schedules: Sequence[Phase] | Mapping[str, Sequence[Phase]] | None = None,
         length: TrainingLength | None = None,
         batch_size: int | None = None,
+        compile: CompileConfig | bool | None = None,
     ) -> Prepared:
         """Build the model, its optimizer wrapper(s) and LR schedules, ready to train.
 
@@ -336,6 +337,8 @@ class Strategy(ABC):
             schedules: LR phases for every optimizer, or per optimizer name.
             length: The training length that schedules need; required with ``schedules``.
             batch_size: Per-process batch size, for ``auto_scale_lr``.
+            compile: ``torch.compile`` settings for this model (True: the defaults); None
+                keeps the strategy's ``compile`` config.
 
         Returns:
             The prepared model, optimizer wrapper and schedules (also kept for state dicts).
@@ -343,6 +346,9 @@ class Strategy(ABC):
         built = self.build_model(model)
         built = self._init_weights(built)
         built = built.to(self.root_device)
+        if compile is not None:
+            as_config = isinstance(compile, CompileConfig)
+            self._compile = compile if as_config else CompileConfig(enabled=bool(compile))
         built = self.compile_model(built)
         wrapped = self._wrap_model(built)
         prepared = Prepared(model=wrapped)
