@@ -347,8 +347,9 @@ class Strategy(ABC):
         built = self._init_weights(built)
         built = built.to(self.root_device)
         if compile is not None:
-            as_config = isinstance(compile, CompileConfig)
-            self._compile = compile if as_config else CompileConfig(enabled=bool(compile))
+            if isinstance(compile, bool):
+                compile = CompileConfig(enabled=compile)
+            self._compile = compile
         built = self.compile_model(built)
         wrapped = self._wrap_model(built)
         prepared = Prepared(model=wrapped)
