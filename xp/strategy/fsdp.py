@@ -1,0 +1,347 @@
+"""FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over the ranks.
+
+Checkpoints are folders that every rank writes in parallel with
+``torch.distributed.checkpoint`` (DCP): the model and optimizer shards, plus ``extra.pt``
+(schedules, RNG states, progress, config) from rank 0 and, last, the ``COMPLETE`` marker.
+DCP reshards on load, so a run saved on N ranks resumes on M.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    CheckpointWrapper,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+)
+
+from xp.checkpoint import COMPLETE_MARKER, CheckpointError, atomic_save, is_complete, load_file
+from xp.config import DType
+from xp.optim import OptimWrapper
+from xp.strategy.distributed import DistributedStrategy
+
+EXTRA_FILE = "extra.pt"
+"""What rank 0 writes beside the shards: schedules, RNG states, progress, config, meta."""
+_SHARDED = ("model", "optim")
+"""The checkpoint entries that DCP writes as shards; the rest goes to ``extra.pt``."""
+_DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}
+
+
+class FSDPStrategy(DistributedStrategy):
+    """Shard the model with FSDP2 over a 1-D device mesh of all ranks.
+
+    Args:
+        shard_modules: Class names of the modules to shard one by one (e.g. ``["Block"]``),
+            so that only one of them is gathered at a time; the root is always sharded.
+        reshard_after_forward: Free gathered parameters after forward (gathered again in
+            backward): less memory, more communication.
+        param_dtype: dtype of gathered parameters for compute; None keeps theirs.
+        reduce_dtype: dtype of the gradient reduce-scatter; None follows ``param_dtype``.
+        cpu_offload: Keep sharded parameters, gradients and optimizer state in CPU memory
+            (for accelerator runs).
+        activation_checkpointing: Class names of the modules whose activations are
+            recomputed in backward instead of stored (non-reentrant checkpointing).
+        **kwargs: See :class:`~xp.strategy.distributed.DistributedStrategy`.
+    """
+
+    sharded_checkpoints = True
+
+    def __init__(
+        self,
+        *,
+        shard_modules: Sequence[str] = (),
+        reshard_after_forward: bool = True,
+        param_dtype: DType | None = None,
+        reduce_dtype: DType | None = None,
+        cpu_offload: bool = False,
+        activation_checkpointing: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
+        self._shard_modules = list(shard_modules)
+        self._reshard_after_forward = reshard_after_forward
+        self._param_dtype = param_dtype
+        self._reduce_dtype = reduce_dtype
+        self._cpu_offload = cpu_offload
+        self._activation_checkpointing = list(activation_checkpointing)
+        super().__init__(**kwargs)
+
+    # ------------------------------------------------------------------ wrapping
+
+    def _wrap_model(self, model: nn.Module) -> nn.Module:
+        if self._cpu_offload and self.root_device.type == "cpu":
+            raise ValueError(
+                "strategy.cpu_offload=true moves sharded state off an accelerator into CPU "
+                f"memory, but this run computes on {self.root_device}, where it already is; "
+                "set strategy.cpu_offload=false (or run on CUDA)."
+            )
+        to_shard = _modules_of_classes(
+            model, self._shard_modules, "strategy.shard_modules", root=True
+        )
+        to_checkpoint = _modules_of_classes(
+            model, self._activation_checkpointing, "strategy.activation_checkpointing", root=False
+        )
+        if to_checkpoint:
+            chosen = {id(m) for m in to_checkpoint}
+            apply_activation_checkpointing(
+                model,
+                checkpoint_wrapper_fn=partial(
+                    checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+                ),
+                check_fn=lambda m: id(m) in chosen,
+            )
+            # Shard the wrapper rather than the module inside it, so that FSDP gathers the
+            # parameters before the recomputed region instead of inside it.
+            outer = {
+                id(m._checkpoint_wrapped_module): m
+                for m in model.modules()
+                if isinstance(m, CheckpointWrapper)
+            }
+            to_shard = [outer.get(id(m), m) for m in to_shard]
+        options: dict[str, Any] = {
+            "mesh": init_device_mesh(self.root_device.type, (self.world_size,)),
+            "reshard_after_forward": self._reshard_after_forward,
+        }
+        if self._param_dtype is not None or self._reduce_dtype is not None:
+            options["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=_DTYPES[self._param_dtype] if self._param_dtype else None,
+                reduce_dtype=_DTYPES[self._reduce_dtype] if self._reduce_dtype else None,
+            )
+        if self._cpu_offload:
+            options["offload_policy"] = CPUOffloadPolicy()
+        # Children before parents: a parameter belongs to the innermost sharded module.
+        for module in to_shard:
+            if module is not model:
+                fully_shard(module, **options)
+        fully_shard(model, **options)
+        self.logger.info(
+            "FSDP: sharded %d module(s) and the root over %d rank(s).",
+            len([m for m in to_shard if m is not model]),
+            self.world_size,
+        )
+        return model
+
+    def _no_sync(self, model: nn.Module) -> Callable[[], Any] | None:
+        assert isinstance(model, FSDPModule)
+        skipping = False
+        syncing = True
+
+        @contextlib.contextmanager
+        def no_sync() -> Iterator[None]:
+            nonlocal skipping
+            skipping = True
+            try:
+                yield
+            finally:
+                skipping = False
+
+        def settle_sync(module: nn.Module, args: Any) -> None:
+            # FSDP2 decides in backward whether to reduce-scatter gradients, but the optimizer
+            # wrapper enters no_sync around the forward only: each forward fixes the choice
+            # for the backward that follows it (setting it visits every module, so only on
+            # a change).
+            nonlocal syncing
+            if syncing == skipping:
+                syncing = not skipping
+                model.set_requires_gradient_sync(syncing)
+
+        model.register_forward_pre_hook(settle_sync)
+        return no_sync
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The model itself: FSDP2 shards the user's module in place."""
+        return model
+
+    # ------------------------------------------------------------------ state
+
+    def optim_state_dict(self) -> dict[str, Any]:
+        """The wrappers' state, each optimizer's keyed by parameter name with sharded tensors.
+
+        Names rather than positions, and DTensor shards, are what DCP needs to reshard the
+        state at another world size.
+        """
+        state = super().optim_state_dict()
+        for wrapper, entry in self._wrapper_states(state):
+            entry["optimizer"] = get_optimizer_state_dict(self.prepared.model, wrapper.optimizer)
+        return state
+
+    def load_optim_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`optim_state_dict` returned (onto this run's shards)."""
+        for wrapper, entry in self._wrapper_states(state):
+            set_optimizer_state_dict(self.prepared.model, wrapper.optimizer, entry["optimizer"])
+            # The wrapper restores its counters and GradScaler; its optimizer is already
+            # loaded, so it gets its own state back.
+            wrapper.load_state_dict({**entry, "optimizer": wrapper.optimizer.state_dict()})
+
+    def _wrapper_states(self, state: Mapping[str, Any]) -> list[tuple[OptimWrapper, Any]]:
+        """Each optimizer wrapper with its entry of ``state``."""
+        wrapper = self.prepared.optim_wrapper
+        if wrapper is None:
+            return []
+        if isinstance(wrapper, OptimWrapper):
+            return [(wrapper, state)]
+        if set(state) != set(wrapper):
+            raise CheckpointError(
+                f"The checkpoint holds optimizers {sorted(state)}, but this run has "
+                f"{sorted(wrapper)}; resume with the same optim.optimizers names."
+            )
+        return [(w, state[name]) for name, w in wrapper.items()]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _write_checkpoint(self, state: dict[str, Any], path: Path) -> None:
+        """Every rank writes its shards; rank 0 writes ``extra.pt`` and then the marker."""
+        if self.is_main_process:
+            # Saving over a folder: it stops counting as complete before any shard changes
+            # (no rank writes before dcp.save's planning, which waits for rank 0).
+            (path / COMPLETE_MARKER).unlink(missing_ok=True)
+        rest = dict(state)
+        shards = {key: rest.pop(key) for key in _SHARDED if key in rest}
+        dcp.save(shards, checkpoint_id=path)
+        if self.is_main_process:
+            atomic_save(rest, path / EXTRA_FILE)
+            # dcp.save returns on rank 0 only once every rank's shards and the metadata are
+            # written, so the folder is complete now.
+            atomic_save({}, path / COMPLETE_MARKER)
+        self.barrier()
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
+        """The checkpoint without its shards, which :meth:`_restore_states` loads."""
+        if path.is_file():
+            raise CheckpointError(
+                f"Checkpoint {path} is a single file; strategy=fsdp reads the sharded folders "
+                "it writes (step_XXXXXXXX/). Load it with the strategy that wrote it."
+            )
+        if not path.is_dir():
+            raise CheckpointError(
+                f"Checkpoint {path} does not exist; check the path or the run id."
+            )
+        if not is_complete(path):
+            raise CheckpointError(
+                f"Checkpoint folder {path} is incomplete: it has no {COMPLETE_MARKER} marker, so "
+                "its save was interrupted. Use an earlier checkpoint from the same folder."
+            )
+        return load_file(path / EXTRA_FILE)
+
+    def _restore_states(
+        self,
+        checkpoint: Mapping[str, Any],
+        path: Path,
+        *,
+        strict: bool,
+        revise_keys: Sequence[tuple[str, str]],
+        optimizer: bool,
+    ) -> None:
+        """Load the model shards (then the optimizer's) into this run's sharding."""
+        saved = dcp.FileSystemReader(path).read_metadata()
+        model = self._load_shards(path, {"model": self._model_target(saved)})["model"]
+        super()._restore_states(
+            {**checkpoint, "model": model},
+            path,
+            strict=strict,
+            revise_keys=revise_keys,
+            optimizer=False,
+        )
+        if optimizer and any(fqn[0] == "optim" for fqn in saved.planner_data.values()):
+            # Only now: reading into the optimizer needs its state initialised (a step with
+            # lr 0), which a model-only load must not do.
+            target = self._load_shards(path, {"optim": self.optim_state_dict()})
+            self.load_optim_state_dict(target["optim"])
+
+    def _model_target(self, saved: dcp.Metadata) -> dict[str, Any]:
+        """Where each saved model entry loads: this run's shard, or a whole tensor.
+
+        Entries that fit the model load into its own (sharded) state; the others load whole,
+        so that the strict check can report them by name and shape.
+        """
+        own = self.model_state_dict()
+        target: dict[str, Any] = {}
+        for key, meta in saved.state_dict_metadata.items():
+            fqn = saved.planner_data[key]
+            if fqn[0] != "model":
+                continue
+            name = ".".join(str(part) for part in fqn[1:])
+            mine = own.get(name)
+            if not isinstance(meta, TensorStorageMetadata) or (
+                isinstance(mine, torch.Tensor) and mine.shape == meta.size
+            ):
+                target[name] = mine
+            else:
+                target[name] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        return target
+
+    def _load_shards(self, path: Path, target: dict[str, Any]) -> dict[str, Any]:
+        try:
+            dcp.load(target, checkpoint_id=path)
+        except dcp.CheckpointException as e:
+            raise CheckpointError(
+                f"Checkpoint {path} does not fit this run's {' and '.join(target)} "
+                f"({str(e).strip().splitlines()[-1]}); resume with the model and optimizer "
+                "config it was saved with."
+            ) from e
+        return target
+
+
+def export_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The full model state dict of an FSDP checkpoint folder, as plain CPU tensors.
+
+    Reads the shards in this one process, without a process group (so call it where none
+    is initialised). Keys are the user's module names, as ``model.state_dict()`` has them.
+    DCP's ``.metadata`` is a pickle: export only checkpoints you trust.
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise CheckpointError(
+            f"Checkpoint folder {path} is missing or incomplete (no {COMPLETE_MARKER} marker); "
+            "export a complete checkpoint."
+        )
+    with warnings.catch_warnings():
+        # It warns that it assumes a single process, which is the point here.
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
+        state = _load_state_dict_from_keys({"model"}, checkpoint_id=path)
+    if "model" not in state:
+        raise CheckpointError(f"Checkpoint {path} has no model state; it was not written by xp.")
+    return {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
+
+
+def _modules_of_classes(
+    model: nn.Module, names: Sequence[str], key: str, *, root: bool
+) -> list[nn.Module]:
+    """The modules of ``model`` whose class is named in ``names``, children before parents.
+
+    Raises:
+        ValueError: A name matches no module (``key`` is its config key).
+    """
+    candidates = [m for m in model.modules() if root or m is not model]
+    classes = sorted({type(m).__name__ for m in candidates})
+    unknown = [name for name in names if name not in classes]
+    if unknown:
+        raise ValueError(
+            f"{key}={list(names)}: {unknown[0]!r} is the class of no "
+            f"{'module' if root else 'submodule'} of {type(model).__name__}; its classes are "
+            f"{classes}. Name some of those."
+        )
+    wanted = set(names)
+    return [m for m in reversed(candidates) if type(m).__name__ in wanted]
