@@ -311,6 +311,25 @@ class OptimWrapper:
         return self.optimizer.param_groups
 
     @property
+    def accumulative_counts(self) -> int:
+        """Micro-batches per optimizer step."""
+        return self._accumulative_counts
+
+    @property
+    def device_type(self) -> str:
+        return self._device_type
+
+    @property
+    def key(self) -> str:
+        """The config key of this optimizer, for messages."""
+        return self._key
+
+    @property
+    def max_norm(self) -> float | None:
+        """The gradient-norm clip, or None."""
+        return self._max_norm
+
+    @property
     def inner_count(self) -> int:
         """Micro-batches backpropagated so far in this epoch."""
         return self._inner_count

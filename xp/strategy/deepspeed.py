@@ -118,12 +118,12 @@ class DeepSpeedOptimWrapper(OptimWrapper):
     def __init__(self, engine: Any, wrapper: OptimWrapper) -> None:
         super().__init__(
             wrapper.optimizer,
-            accumulative_counts=wrapper._accumulative_counts,
-            device_type=wrapper._device_type,
-            key=wrapper._key,
+            accumulative_counts=wrapper.accumulative_counts,
+            device_type=wrapper.device_type,
+            key=wrapper.key,
         )
         self.engine = engine
-        self._clips = wrapper._max_norm is not None
+        self._clips = wrapper.max_norm is not None
         self._window_has_gradients = False
 
     def backward(self, loss: Tensor) -> None:
@@ -323,8 +323,8 @@ class DeepSpeedStrategy(DistributedStrategy):
             )
         config = self.engine_config(
             batch_size=batch_size,
-            accumulative_counts=wrapper._accumulative_counts,
-            max_norm=wrapper._max_norm,
+            accumulative_counts=wrapper.accumulative_counts,
+            max_norm=wrapper.max_norm,
         )
         engine, *_ = self._deepspeed.initialize(
             model=model, optimizer=wrapper.optimizer, config=config, dist_init_required=False
