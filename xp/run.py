@@ -467,6 +467,8 @@ def run(cfg: DictConfig) -> float | None:
             raise SystemExit(1) from None
         raise
     finally:
+        # Drop the run's objects before the process group goes (see the strategy's teardown).
+        built = trainer = None  # type: ignore[assignment]
         if strategy is not None:
             strategy.teardown()
         close_logger()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import socket
 import subprocess
@@ -13,6 +15,8 @@ import torch.distributed as dist
 
 from xp.config import Backend, Device, Launcher
 from xp.strategy.base import Strategy
+
+_collect_at_exit = False
 
 
 class DistributedStrategy(Strategy):
@@ -81,6 +85,12 @@ class DistributedStrategy(Strategy):
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
             os.environ.setdefault("LOCAL_RANK", "0")
+        global _collect_at_exit
+        if not _collect_at_exit:
+            # What a run's frames still held is freed before the interpreter tears down
+            # modules, while the collectives it needs still work.
+            atexit.register(gc.collect)
+            _collect_at_exit = True
         dist.init_process_group(
             backend=self._backend.value,
             timeout=self._timeout,
@@ -90,6 +100,10 @@ class DistributedStrategy(Strategy):
 
     def _teardown_distributed(self) -> None:
         if self._owns_group and dist.is_initialized():
+            # Wrapped models (DDP's reducer, FSDP's DTensors) hold the group; freed late, at
+            # interpreter exit, they deadlock or abort in gloo's destructor now and then.
+            self._prepared = None
+            gc.collect()
             # gloo: without a barrier a rank can exit while another still sends, and abort.
             dist.barrier()
             dist.destroy_process_group()
