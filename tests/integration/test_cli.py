@@ -205,7 +205,7 @@ def test_help_lists_groups_and_options(xp) -> None:
     assert result.returncode == 0
     for line in (
         "optim: adam, adamw, backbone_head, sgd",
-        "strategy: single",
+        "strategy: ddp, deepspeed, fsdp, single",
         "scheduler: constant",
     ):
         assert line in result.stdout
