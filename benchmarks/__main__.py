@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from benchmarks import checkpoint, ddp
+from benchmarks import Skipped, checkpoint, ddp, startup, step
 
 HERE = Path(__file__).resolve().parent
 
-Results = dict[str, list[float]]
-"""Per-round measurements: ``xp`` and ``baseline``, and any others a case's note reads."""
+Results = dict[str, Any]
+"""Per-round measurements: ``xp`` and ``baseline``, and whatever else a case's note reads."""
+
+STEP_ROUNDS = 11
+"""Rounds of the step cases: their runs are seconds long and this machine is shared."""
 
 
 class Case(NamedTuple):
@@ -30,14 +35,110 @@ class Case(NamedTuple):
     """Throughput: the ratio must be >= target; a cost (time, memory): <= target."""
     note: Callable[[Results], str] | None = None
     """A line printed under the table (context the row has no column for)."""
+    absolute: bool = False
+    """The target bounds xp's own value (in ``unit``), not the ratio."""
+    rounds: int = 5
+    """Interleaved rounds unless ``--rounds`` says otherwise; cases that share runs agree."""
 
+
+TINY = "digits MLP 64-128-128-10, batch 64, AdamW, steps 101-2000"
+SMALL = "digits MLP 64-512-512-10, batch 64, AdamW, steps 101-1000"
+STEADY = "ms/step, in-process steady state (MLflow run ready before step 1)"
+_anchor_cases = {
+    f"{framework}_{size}": Case(
+        partial(step.measure_anchor, framework, size),
+        f"step, {size} model, xp vs {name}",
+        f"the plain loop through {name} (CPU)",
+        STEADY,
+        1.0,
+        higher_is_better=False,
+        note=step.cpu_note,
+        rounds=STEP_ROUNDS,
+    )
+    for framework, name in (("fabric", "Lightning Fabric"), ("accelerate", "accelerate"))
+    for size in ("tiny", "small")
+}
 
 CASES = {
+    "step_tiny": Case(
+        step.measure_tiny,
+        f"step overhead, tiny: {TINY}; xp logs to MLflow every 10 steps",
+        "plain loop: DataLoader(shuffle=True), loss.item() every 10 steps, no MLflow",
+        STEADY,
+        1.0,
+        higher_is_better=False,
+        note=step.cpu_note,
+        rounds=STEP_ROUNDS,
+    ),
+    "step_tiny_tuned": Case(
+        step.measure_tiny_tuned,
+        "step overhead, tiny (same runs)",
+        "tuned loop: batches sliced from the in-memory tensors by index",
+        STEADY,
+        1.05,
+        higher_is_better=False,
+        note=step.cpu_note,
+        rounds=STEP_ROUNDS,
+    ),
+    "step_small": Case(
+        step.measure_small,
+        f"step overhead, small: {SMALL}; xp logs to MLflow every 10 steps",
+        "plain loop: DataLoader(shuffle=True), no MLflow",
+        STEADY,
+        1.02,
+        higher_is_better=False,
+        note=step.cpu_note,
+        rounds=STEP_ROUNDS,
+    ),
+    "alloc_tiny": Case(
+        step.measure_alloc_tiny,
+        "allocator, tiny: xp with mallopt(M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=2 GiB) "
+        "at start-up (same runs)",
+        "xp as it is (glibc defaults)",
+        STEADY,
+        0.98,
+        higher_is_better=False,
+        note=step.alloc_note,
+        rounds=STEP_ROUNDS,
+    ),
+    "alloc_small": Case(
+        step.measure_alloc_small,
+        "allocator, small: xp with the same mallopt at start-up (same runs)",
+        "xp as it is (glibc defaults)",
+        STEADY,
+        0.98,
+        higher_is_better=False,
+        note=step.alloc_note,
+        rounds=STEP_ROUNDS,
+    ),
+    "logging": Case(
+        step.measure_logging,
+        "logging every step: training-thread time per scalar (tiny model, 4 scalars a step; "
+        "extra step time over logging every 10th)",
+        "MlflowClient.log_metric per scalar, same SQLite store type",
+        "us per scalar, in-process steady state",
+        10.0,
+        higher_is_better=False,
+        note=step.logging_note,
+        absolute=True,
+        rounds=STEP_ROUNDS,
+    ),
+    "startup": Case(
+        startup.measure,
+        "start-up: launch to the end of step 100, `python -m xp` (MLflow on; the end is "
+        "train/loss's MLflow timestamp at step 100), tiny model",
+        "the plain loop without MLflow (prints time.time() at step 100)",
+        "s, whole process",
+        1.1,
+        higher_is_better=False,
+        note=startup.note,
+        rounds=STEP_ROUNDS,
+    ),
     "ddp": Case(
         ddp.measure,
         "DDP, 2 CPU ranks, digits MLP, batch 64/rank, AdamW",
         "hand-written torch DDP script (DataLoader + DistributedSampler)",
-        "samples/s, in-process steady state (steps 101-1000)",
+        "samples/s, in-process steady state (steps 1001-3000)",
         0.97,
     ),
     "checkpoint_save": Case(
@@ -59,6 +160,7 @@ CASES = {
         higher_is_better=False,
         note=checkpoint.stall_note,
     ),
+    **_anchor_cases,
 }
 
 
@@ -66,46 +168,64 @@ def _num(x: float) -> str:
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
-def _ratio_row(name: str, results: Results) -> str:
+def _ratio_row(name: str, results: Results, rounds: int) -> str:
     case = CASES[name]
     xp, base = results["xp"], results["baseline"]
     ratios = [a / b for a, b in zip(xp, base, strict=True)]
     ratio = statistics.median(ratios)
-    met = ratio >= case.target if case.higher_is_better else ratio <= case.target
+    value = statistics.median(xp) if case.absolute else ratio
+    met = value >= case.target if case.higher_is_better else value <= case.target
     bound = ">=" if case.higher_is_better else "<="
+    target = f"{'xp ' if case.absolute else ''}{bound} {case.target}"
     return (
-        f"| {case.what} | {case.baseline} | {case.unit} | {_num(statistics.median(xp))} "
-        f"| {_num(statistics.median(base))} | {ratio:.3f} ({min(ratios):.3f}-{max(ratios):.3f}) "
-        f"| {bound} {case.target} ({'met' if met else 'MISSED'}) |"
+        f"| {case.what} | {case.baseline} | {case.unit} | {rounds} "
+        f"| {_num(statistics.median(xp))} ({_num(min(xp))}-{_num(max(xp))}) "
+        f"| {_num(statistics.median(base))} ({_num(min(base))}-{_num(max(base))}) "
+        f"| {ratio:.3f} ({min(ratios):.3f}-{max(ratios):.3f}) "
+        f"| {target} ({'met' if met else 'MISSED'}) |"
     )
+
+
+def _skipped_row(name: str, reason: str) -> str:
+    case = CASES[name]
+    return f"| {case.what} | {case.baseline} | {case.unit} | 0 | - | - | - | skipped: {reason} |"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few steps: checks it runs")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--rounds", type=int, default=None, help="default: each case's own")
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
-    rounds = 1 if args.quick else args.rounds
     rows, notes = [], []
+    started = time.perf_counter()
     for name in args.cases:
-        results = CASES[name].measure(rounds, args.quick)
-        rows.append(_ratio_row(name, results))
+        case = CASES[name]
+        rounds = 1 if args.quick else args.rounds or case.rounds
+        try:
+            results = case.measure(rounds, args.quick)
+        except Skipped as e:
+            rows.append(_skipped_row(name, str(e)))
+            print(rows[-1], flush=True)
+            continue
+        rows.append(_ratio_row(name, results, rounds))
         print(rows[-1], flush=True)
-        note = CASES[name].note
-        if note is not None:
-            notes.append(f"- {name}: {note(results)}")
+        if case.note is not None:
+            notes.append(f"- {name}: {case.note(results)}")
             print(notes[-1], flush=True)
     table = "\n".join(
         [
             f"# Benchmarks{' (quick check, not a measurement)' if args.quick else ''}",
             "",
             f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {platform.python_version()}, "
-            f"{rounds} interleaved rounds; ratio = xp / baseline (median, min-max).",
+            f"{os.cpu_count()} CPUs, one torch thread per process; "
+            f"{time.perf_counter() - started:.0f} s in all. Each case runs xp and its baseline "
+            "interleaved over its rounds; values are medians (min-max), ratio = xp / baseline "
+            "per round.",
             "",
-            "| case | baseline | measure | xp | baseline | ratio | target |",
-            "|---|---|---|---|---|---|---|",
+            "| case | baseline | measure | rounds | xp | baseline | ratio | target |",
+            "|---|---|---|---|---|---|---|---|",
             *rows,
             "",
             *([*notes, ""] if notes else []),
