@@ -63,10 +63,8 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     from xp.__main__ import CONF_DIR, _register_resolvers
-    from xp.checkpoint import Checkpointer
     from xp.config import register_schemas
-    from xp.run import build, build_tracker
-    from xp.trainer import Trainer
+    from xp.run import build, build_tracker, build_trainer
 
     os.environ["XP_LAUNCH_DIR"] = str(args.launch)
     os.environ["XP_TIMESTAMP"] = f"bench_{os.getpid()}"
@@ -79,20 +77,8 @@ def main() -> None:
     tracker = build_tracker(cfg, strategy, built.tracking)
     assert tracker is not None
     clock = _Clock(tracker, args.warmup, args.steps)
-    trainer = Trainer(
-        strategy,
-        built.prepared,
-        train_loader=built.train_loader,
-        val_loader=built.val_loader,
-        settings=built.trainer,
-        length=built.length,
-        checkpointer=Checkpointer(
-            strategy.checkpoint_dir,
-            built.trainer.keep_checkpoints,
-            sharded=strategy.sharded_checkpoints,
-        ),
-        tracker=clock,
-    )
+    trainer = build_trainer(built)
+    trainer.tracker = clock
     tracker.start()
     tracker.wait_ready()
     trainer.fit()

@@ -324,6 +324,25 @@ class Built:
     config_yaml: str
 
 
+def build_trainer(built: Built, *, checkpoint_extra: Mapping[str, Any] | None = None) -> Trainer:
+    """The training loop over what :func:`build` made; its tracker is attached later."""
+    strategy = built.strategy
+    return Trainer(
+        strategy,
+        built.prepared,
+        train_loader=built.train_loader,
+        val_loader=built.val_loader,
+        settings=built.trainer,
+        length=built.length,
+        checkpointer=Checkpointer(
+            strategy.checkpoint_dir,
+            built.trainer.keep_checkpoints,
+            sharded=strategy.sharded_checkpoints,
+        ),
+        checkpoint_extra=checkpoint_extra,
+    )
+
+
 def build(cfg: DictConfig, log_dir: Path) -> Built:
     """Turn the composed config into objects: strategy, data, model, optimizers, schedules.
 
@@ -392,19 +411,8 @@ def run(cfg: DictConfig) -> float | None:
         check_targets(cfg, allowed=cfg.target_allowlist, restored=target is not None)
         built = build(cfg, log_dir)
         strategy = built.strategy
-        trainer = Trainer(
-            strategy,
-            built.prepared,
-            train_loader=built.train_loader,
-            val_loader=built.val_loader,
-            settings=built.trainer,
-            length=built.length,
-            checkpointer=Checkpointer(
-                strategy.checkpoint_dir,
-                built.trainer.keep_checkpoints,
-                sharded=strategy.sharded_checkpoints,
-            ),
-            checkpoint_extra={"config": built.config_yaml, "run": _run_facts(cfg)},
+        trainer = build_trainer(
+            built, checkpoint_extra={"config": built.config_yaml, "run": _run_facts(cfg)}
         )
         resumed = None
         if target is not None:
