@@ -438,13 +438,14 @@ def run(cfg: DictConfig) -> float | None:
             strategy.root_device,
             log_dir,
         )
+        run_id = None
+        # A stop signal after the last step (while artifacts upload) lets the run finish.
         with _stop_on_signals(trainer):
             metrics = trainer.fit()
-        run_id = None
-        if tracker is not None:
-            _log_run_files(tracker, strategy, trainer, built.tracking)
-            run_id = tracker.run_id
-            tracker.close("FINISHED")
+            if tracker is not None:
+                _log_run_files(tracker, strategy, trainer, built.tracking)
+                run_id = tracker.run_id
+                tracker.close("FINISHED")
         if strategy.is_main_process:
             (log_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         run_id = strategy.broadcast_object(run_id)
@@ -508,7 +509,17 @@ def _requeue_on_slurm(strategy: Strategy, signum: int) -> None:
     job = os.environ.get("SLURM_JOB_ID")
     if not job or not strategy.is_main_process or signum not in (signal.SIGUSR1, signal.SIGTERM):
         return
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    try:
+        result = subprocess.run(
+            ["scontrol", "requeue", job], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        strategy.logger.error(
+            "Could not requeue Slurm job %s (%s); requeue it yourself, it resumes this run.",
+            job,
+            e,
+        )
+        return
     if result.returncode == 0:
         strategy.logger.warning("Requeued Slurm job %s; it will resume this run.", job)
     else:

@@ -241,3 +241,33 @@ def test_nan_loss_stops_the_run_with_a_clear_message(xp, workdir, store) -> None
     assert result.returncode == 1
     assert "The training loss became nan" in result.stderr
     assert the_run(store, "nan").info.status == "FAILED"
+
+
+def test_a_requeued_slurm_job_resumes_its_own_run(xp, workdir, store, monkeypatch) -> None:
+    """Slurm reruns the same command after a requeue; the job finds and continues its run."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # not a full srun environment: one process
+    proc = start(workdir, *RUN, "experiment_name=requeued")
+    wait_for_checkpoint(workdir, "requeued", proc)
+    os.killpg(proc.pid, signal.SIGUSR1)  # Slurm's preemption warning
+    proc.wait(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR1
+    run = the_run(store, "requeued")
+    assert run.info.status == "KILLED"
+    assert run.data.tags["xp.slurm_job_id"] == "4242"
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    result = xp(*RUN, "experiment_name=requeued")  # the same command, no resume=
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = the_run(store, "requeued")  # still one run
+    assert run.info.status == "FINISHED"
+
+
+def test_resume_names_the_incomplete_checkpoint_it_skips(tmp_path: Path, capsys) -> None:
+    from xp.checkpoint import atomic_save
+    from xp.resume import _latest_in
+
+    folder = tmp_path / "run" / "checkpoints"
+    atomic_save({"model": {}}, folder / "step_00000007.pt")
+    (folder / "step_00000014").mkdir()  # a sharded save cut short: no COMPLETE marker
+    assert _latest_in(tmp_path / "run") == folder / "step_00000007.pt"
+    assert "skipping incomplete checkpoint(s) ['step_00000014']" in capsys.readouterr().err
