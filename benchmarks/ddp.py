@@ -40,7 +40,7 @@ def run_xp(steps: int, warmup: int) -> float:
             [
                 sys.executable, "-m", "xp", "strategy=ddp", "strategy.nproc_per_node=2",
                 "scheduler=constant", f"trainer.max_steps={steps}", "trainer.max_epochs=null",
-                "trainer.val_interval_epochs=0", "trainer.checkpoint_interval_epochs=0",
+                "trainer.val_interval_epochs=0", "checkpoint.interval_epochs=0",
                 "trainer.log_interval_steps=10", "experiment_name=bench",
             ],
             cwd=work, capture_output=True, text=True, env=_env(), check=True, timeout=600,

@@ -124,7 +124,13 @@ def _export(argv: list[str]) -> int:
     return export_main(argv)
 
 
-SUBCOMMANDS = {"ui": _ui, "export": _export}
+def _compare(argv: list[str]) -> int:
+    from xp.compare import main as compare_main
+
+    return compare_main(argv)
+
+
+SUBCOMMANDS = {"ui": _ui, "export": _export, "compare": _compare}
 
 
 def _value(args: list[str], key: str) -> str | None:
@@ -132,19 +138,66 @@ def _value(args: list[str], key: str) -> str | None:
     return found[-1] if found else None
 
 
+def choice_overrides(choices: dict[str, str | None]) -> list[str]:
+    """Overrides that select these group options again; ``+group=`` for groups that the
+    primary config does not list (``+experiment=...``), so Hydra appends them."""
+    import yaml
+
+    listed = {
+        str(next(iter(entry)))
+        for entry in yaml.safe_load((CONF_DIR / "config.yaml").read_text())["defaults"]
+        if isinstance(entry, dict)
+    }
+    return [
+        f"{group}={option}" if group in listed else f"+{group}={option}"
+        for group, option in choices.items()
+        if option is not None
+    ]
+
+
+def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags with their values (``--config-dir DIR``), and the overrides."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    expects_value = False
+    for arg in args:
+        if arg.startswith("-"):
+            flags.append(arg)
+            expects_value = "=" not in arg
+        elif expects_value and "=" not in arg and not arg.startswith("~"):
+            flags.append(arg)
+            expects_value = False
+        else:
+            overrides.append(arg)
+            expects_value = False
+    return flags, overrides
+
+
 def _resume_arguments(args: list[str]) -> list[str]:
-    """Turn ``resume=<spec>`` into the resumed run's directory, config choices and target.
+    """Turn ``resume=<spec>`` (or ``test=<spec>``) into that run's directory, config choices
+    and target.
 
     The run composes again from the config group options it was started with; xp.run
     then restores the exact values it was trained with (see xp.resume).
     """
+    key = "resume"
     spec = _value(args, "resume")
+    test = _value(args, "test")
+    if spec is not None and test is not None:
+        print(
+            "xp: error: resume= and test= were both given; resume trains on, test= only "
+            "evaluates. Give one of them.",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
+    if test is not None and test not in ("", "null"):
+        key, spec = "test", test
     requeued = os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
-    if spec is None and requeued:
+    if spec is None and requeued and test is None:
         spec = "auto"  # a requeued Slurm job continues its own run
     if spec is None:
         return args
-    from xp.resume import ENV, ResumeError, resolve
+    from xp.resume import ENV, TEST_ENV, ResumeError, resolve
     from xp.tracking import default_tracking_uri
 
     launch = Path(os.environ["XP_LAUNCH_DIR"])
@@ -155,23 +208,29 @@ def _resume_arguments(args: list[str]) -> list[str]:
             tracking_uri=uri,
             experiment_name=_value(args, "experiment_name"),
             outputs=launch / "outputs",
+            key=key,
         )
     except ResumeError as e:
         print(f"xp: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    os.environ[ENV] = target.to_env()
+    os.environ[TEST_ENV if key == "test" else ENV] = target.to_env()
     os.environ["XP_TIMESTAMP"] = Path(target.run_dir).name
-    given = {a.split("=", 1)[0] for a in args if "=" in a}
-    choices = [
-        f"{group}={option}"
-        for group, option in target.choices.items()
-        if not group.startswith("hydra") and group not in given and option is not None
+    given = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
+    choices = choice_overrides(
+        {g: o for g, o in target.choices.items() if not g.startswith("hydra") and g not in given}
+    )
+    flags, overrides = _split_flags(args)
+    kept = [
+        a
+        for a in overrides
+        if not a.startswith(("resume=", "test=")) and not a.startswith("experiment_name=")
     ]
-    kept = [a for a in args if not a.startswith("resume=") and not a.startswith("experiment_name=")]
     return [
+        *flags,  # Hydra's own flags (--config-dir ...) before every override
         *choices,
         *kept,
         f"experiment_name={target.experiment_name}",
+        *([f"test={spec}"] if key == "test" else []),
         f"hydra.run.dir={target.run_dir}",
         "hydra.output_subdir=null",  # keep the .hydra/ the run was started with
     ]
@@ -183,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     _prepare_environment()
     if args and args[0] in SUBCOMMANDS:
         return SUBCOMMANDS[args[0]](args[1:])
+    from xp.sweep import sweep_arguments
+
+    try:
+        args = sweep_arguments(args)  # a sweep that cannot start fails before Hydra composes
+    except ValueError as e:
+        print(f"xp: error: {e}", file=sys.stderr)
+        return 1
     args = _resume_arguments(args)
 
     import hydra
@@ -194,16 +260,18 @@ def main(argv: list[str] | None = None) -> int:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def task(cfg: Any) -> float | None:
-        from xp.run import run
+        from xp.sweep import run_task
 
-        return run(cfg)
+        return run_task(cfg)  # xp.run.run; in a sweep, a failed job does not end the sweep
 
     if _rank() != 0:
         # Rank 0 writes the run directory's .hydra/; the others only compose.
         args.append("hydra.output_subdir=null")
     sys.argv = [sys.argv[0], *args]
     task()  # the objective it returns is for Hydra's sweepers, not the exit status
-    return 0
+    from xp.sweep import exit_status
+
+    return exit_status()  # 1 when a job of a multirun failed
 
 
 if __name__ == "__main__":

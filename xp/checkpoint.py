@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import builtins
 import copy
+import json
 import os
 import pickle
 import re
 import shutil
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -107,11 +108,12 @@ class Checkpointer:
         sharded: Name new checkpoints as folders.
     """
 
+    BEST_FILE = "best.json"
+    """Names the best checkpoint (``checkpoint.monitor``), which pruning keeps."""
+
     def __init__(self, directory: Path, keep: int = 3, *, sharded: bool = False) -> None:
         if keep < 0:
-            raise ValueError(
-                f"trainer.keep_checkpoints={keep} must be >= 0 (0 keeps every checkpoint)."
-            )
+            raise ValueError(f"checkpoint.keep={keep} must be >= 0 (0 keeps every checkpoint).")
         self.directory = Path(directory)
         self.keep = keep
         self.sharded = sharded
@@ -136,16 +138,47 @@ class Checkpointer:
         found = self.list()
         return found[-1] if found else None
 
+    def set_best(self, path: Path, info: Mapping[str, Any]) -> None:
+        """Record ``path`` as the best checkpoint (``info``: its step, metric and value)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = {**{k: v for k, v in info.items() if k != "path"}, "name": Path(path).name}
+        tmp = self.directory / f".{self.BEST_FILE}.{os.getpid()}{_TMP_SUFFIX}"
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, self.directory / self.BEST_FILE)
+
+    def best_info(self) -> dict[str, Any] | None:
+        """What :meth:`set_best` recorded, or None."""
+        record = self.directory / self.BEST_FILE
+        if not record.is_file():
+            return None
+        try:
+            info = json.loads(record.read_text())
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) and isinstance(info.get("name"), str) else None
+
+    def best(self) -> Path | None:
+        """The best complete checkpoint, or None when none was recorded (or it is gone)."""
+        info = self.best_info()
+        if info is None:
+            return None
+        path = self.directory / info["name"]
+        return path if path.exists() and is_complete(path) else None
+
     def prune(self) -> builtins.list[Path]:
-        """Delete all but the ``keep`` newest checkpoints, and leftovers of dead writers.
+        """Delete all but the ``keep`` newest checkpoints (and the best), and leftovers of
+        dead writers.
 
         A sharded folder older than the newest complete checkpoint and still without its
         marker is the remains of an interrupted save.
         """
         removed: builtins.list[Path] = []
         complete = self.list()
+        best = self.best()
         if self.keep:
             for path in complete[: -self.keep]:
+                if path == best:
+                    continue
                 _remove(path)
                 removed.append(path)
         if complete and self.directory.is_dir():

@@ -68,6 +68,29 @@ class NonFinite(str, Enum):
     skip = "skip"
 
 
+class Loss(str, Enum):
+    """The loss of the supervised step, between the model's output and the targets."""
+
+    cross_entropy = "cross_entropy"
+    mse = "mse"
+    l1 = "l1"
+    bce_with_logits = "bce_with_logits"
+
+
+class Mode(str, Enum):
+    """Whether a larger or a smaller value of a metric is better."""
+
+    max = "max"
+    min = "min"
+
+
+class TestCheckpoint(str, Enum):
+    """Which checkpoint of a run ``test=`` evaluates."""
+
+    best = "best"
+    latest = "latest"
+
+
 class AMP(str, Enum):
     """Automatic mixed precision of the forward pass."""
 
@@ -404,9 +427,24 @@ class DigitsDataConfig(DataConfig):
     """scikit-learn's bundled digits: 1,797 8x8 images, no download."""
 
     _target_: str = "xp.data.digits"
-    val_fraction: float = 0.2
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    """Share held out for ``test=<run>``; 0 gives no test split."""
     split_seed: int = 0
-    """Seed of the fixed train/val split (independent of randomness.seed)."""
+    """Seed of the fixed train/val/test split (independent of randomness.seed)."""
+    as_images: bool = False
+    """Shape each sample as a 1x8x8 image instead of 64 features."""
+
+
+@dataclass
+class DatasetsConfig(DataConfig):
+    """Datasets named by ``_target_``s: ``data.train``, ``data.val`` and ``data.test``."""
+
+    _target_: str = "xp.data.Datasets"
+    train: Any = MISSING
+    """The training dataset: a node with a ``_target_`` (any map-style Dataset)."""
+    val: Any = None
+    test: Any = None
 
 
 @dataclass
@@ -426,6 +464,58 @@ class MLPConfig(ModelConfig):
 
 
 @dataclass
+class TaskConfig:
+    """What the step does when the model defines no ``train_step``/``val_step``.
+
+    The batch is ``(inputs, targets)`` or a dict holding ``input_key`` and ``target_key``;
+    the loss compares ``model(inputs)`` with the targets, and the metrics are updated
+    with the same two at validation and test.
+    """
+
+    loss: Loss = Loss.cross_entropy
+    ignore_index: int = -100
+    """Targets equal to this are left out of cross-entropy and of the built-in metrics."""
+    input_key: str = "inputs"
+    """The model's input in a dict batch."""
+    target_key: str = "targets"
+    """The targets in a dict batch."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """Name -> metric (a ``_target_`` node): anything with ``update(outputs, targets)``,
+    ``compute()`` and ``reset()``, e.g. ``xp.metric.Accuracy`` or a torchmetrics metric.
+    Logged as ``val/<name>`` and ``test/<name>``."""
+
+
+@dataclass
+class CheckpointConfig:
+    """When to save checkpoints, how many to keep, and which one is the best."""
+
+    interval_epochs: int = 1
+    """Save a checkpoint every this many epochs (and always at the end); 0 turns it off."""
+    interval_steps: int = 0
+    """Also save every this many optimizer steps; 0 turns it off."""
+    keep: int = 3
+    """How many of the newest checkpoints to keep (the best one is kept besides); 0 keeps all."""
+    async_save: bool = False
+    """Write checkpoints in the background: training stalls only for a CPU copy."""
+    monitor: str | None = None
+    """A validation metric (e.g. ``val/acc``): a new best value saves a checkpoint, kept as
+    the best beside the newest ones and tagged on the MLflow run."""
+    mode: Mode = Mode.max
+    """Whether a larger (max) or smaller (min) ``monitor`` value is better."""
+
+
+@dataclass
+class SweepConfig:
+    """How a multirun (``-m``) treats its jobs (see xp.sweep)."""
+
+    fresh: bool = False
+    """Run every job anew, even where the same config already FINISHED or was KILLED."""
+    direction: Mode | None = None
+    """Whether the sweep maximizes or minimizes ``trainer.objective``; null: min when its
+    name holds ``loss`` or ``error``, else max."""
+
+
+@dataclass
 class TrainerConfig:
     """How long to train, and how often to validate, log and checkpoint."""
 
@@ -437,14 +527,6 @@ class TrainerConfig:
     """Validate every this many epochs (and always at the end); 0 turns it off."""
     log_interval_steps: int = 10
     """Log train/loss, train/lr and throughput every this many optimizer steps."""
-    checkpoint_interval_epochs: int = 1
-    """Save a checkpoint every this many epochs (and always at the end); 0 turns it off."""
-    checkpoint_interval_steps: int = 0
-    """Also save every this many optimizer steps; 0 turns it off."""
-    keep_checkpoints: int = 3
-    """How many of the newest checkpoints to keep; 0 keeps all."""
-    async_checkpoint: bool = False
-    """Write single-file checkpoints in the background: training stalls only for a CPU copy."""
     objective: str = "val/acc"
     """The metric returned to Hydra (and its sweepers) at the end."""
     progress_bar: bool | None = None
@@ -478,15 +560,27 @@ class XPConfig:
     """Names the MLflow experiment and the folder under outputs/."""
     load_from: str | None = None
     """Start a NEW run from these weights only (a run id, run directory or checkpoint)."""
+    test: str | None = None
+    """Evaluate a run (a run id, run directory or checkpoint) on the test split, without
+    training, and log ``test/*`` onto that same MLflow run."""
+    test_checkpoint: TestCheckpoint = TestCheckpoint.best
+    """Which checkpoint ``test=`` evaluates: the best (the latest when the run tracked no
+    best) or the latest."""
     target_allowlist: list[str] = field(default_factory=list)
     """Module prefixes (e.g. mypkg.) besides torch. and xp. that a restored config may build."""
     strategy: StrategyConfig = MISSING
     optim: Any = MISSING
     scheduler: dict[str, Any] = field(default_factory=dict)
     randomness: RandomnessConfig = field(default_factory=RandomnessConfig)
-    model: ModelConfig = MISSING
-    data: DataConfig = MISSING
+    # model and data are open nodes: a user's option passes its own keyword arguments to
+    # its _target_; xp's options type-check themselves by extending their schemas, and
+    # xp.run checks DataConfig's fields of any option when it builds them.
+    model: Any = MISSING
+    data: Any = MISSING
+    task: TaskConfig = field(default_factory=TaskConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -512,9 +606,11 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "onecycle": OneCycleLRConfig,
     },
     "randomness": {"randomness": RandomnessConfig},
-    "data": {"digits": DigitsDataConfig},
-    "model": {"mlp": MLPConfig},
+    "data": {"data": DataConfig, "digits": DigitsDataConfig, "datasets": DatasetsConfig},
+    "model": {"model": ModelConfig, "mlp": MLPConfig},
+    "task": {"task": TaskConfig},
     "trainer": {"trainer": TrainerConfig},
+    "checkpoint": {"checkpoint": CheckpointConfig},
     "tracking": {"mlflow": TrackingConfig},
 }
 

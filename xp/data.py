@@ -9,10 +9,12 @@ same index batches, so both paths yield identical batches.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,28 +33,69 @@ class Datasets:
     test: Dataset | None = None
 
 
-def digits(*, val_fraction: float = 0.2, split_seed: int = 0) -> Datasets:
+def digits(
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    split_seed: int = 0,
+    as_images: bool = False,
+) -> Datasets:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), scaled to [0, 1].
 
     Args:
         val_fraction: Share of the images held out for validation, stratified by class.
+        test_fraction: Share held out for testing (``test=<run>``), stratified; 0: none.
         split_seed: Seed of the split, fixed so every run validates on the same images.
+        as_images: Samples of shape 1x8x8 (for a CNN) instead of 64 features.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1.")
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"data.{key}={value} must lie in [0, 1).")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} leave "
+            "nothing to train on; keep their sum below 1."
+        )
+    features, labels = _load_digits()
+    x = torch.from_numpy(features).float() / 16.0
+    if as_images:
+        x = x.reshape(-1, 1, 8, 8)
+    y = torch.from_numpy(labels).long()
+    # Stratified: each class is split in the same proportions, in an order fixed by the seed.
+    rng = np.random.default_rng(split_seed)
+    parts: list[list[int]] = [[], [], []]
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_val = round(len(members) * val_fraction)
+        n_test = round(len(members) * test_fraction)
+        parts[1] += members[:n_val].tolist()
+        parts[2] += members[n_val : n_val + n_test].tolist()
+        parts[0] += members[n_val + n_test :].tolist()
+    train, val, test = (torch.tensor(sorted(part), dtype=torch.long) for part in parts)
+    return Datasets(
+        train=TensorDataset(x[train], y[train]),
+        val=TensorDataset(x[val], y[val]) if len(val) else None,
+        test=TensorDataset(x[test], y[test]) if len(test) else None,
+    )
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The digits as (features, labels), read straight from scikit-learn's data file.
+
+    Importing ``sklearn.datasets`` to read one small file costs about a second of start-up
+    (benchmarks/, start-up case); the file is the same either way.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            data = np.loadtxt(path, delimiter=",")
+            return data[:, :-1], data[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # a layout we do not know: its own loader
 
     bunch = load_digits()
-    x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(bunch.target, dtype=torch.long)
-    train_idx, val_idx = train_test_split(
-        range(len(y)), test_size=val_fraction, random_state=split_seed, stratify=bunch.target
-    )
-    train_t, val_t = torch.tensor(train_idx), torch.tensor(val_idx)
-    return Datasets(
-        train=TensorDataset(x[train_t], y[train_t]), val=TensorDataset(x[val_t], y[val_t])
-    )
+    return bunch.data, bunch.target
 
 
 class _IndexBatches:

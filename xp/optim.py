@@ -247,6 +247,9 @@ class OptimWrapper:
         no_sync: Returns a context in which the model skips its gradient all-reduce
             (DDP's ``no_sync``, given by the strategy); entered around the forward of
             micro-batches that do not step.
+        sync_grads: Averages the given parameters' gradients over every rank; called
+            before each step, where no DDP wrapper does it during backward (a model with
+            its own ``train_step``).
         key: Config key of the optimizer, for error messages.
 
     Raises:
@@ -263,6 +266,7 @@ class OptimWrapper:
         amp: AMP = AMP.off,
         device_type: str = "cpu",
         no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
+        sync_grads: Callable[[list[Tensor]], None] | None = None,
         key: str = "optim",
     ) -> None:
         if accumulative_counts < 1:
@@ -278,6 +282,7 @@ class OptimWrapper:
         self._divisible_counts = 0
         self._remainder_counts = 0
         self._no_sync = no_sync
+        self._sync_grads = sync_grads
         self._device_type = device_type
         self._amp = AMP(amp)
         self._autocast_dtype = _AUTOCAST_DTYPES.get(self._amp)
@@ -426,6 +431,8 @@ class OptimWrapper:
         """
         scaler = self._scaler
         grad_norm = None
+        if self._sync_grads is not None:
+            self._sync_grads(self._all_params())
         if self._max_norm is not None or self._max_value is not None:
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
@@ -690,6 +697,7 @@ def build_optim_wrapper(
     *,
     device_type: str,
     no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
+    sync_grads: Callable[[list[Tensor]], None] | None = None,
     key: str = "optim",
 ) -> OptimWrapper:
     """Builds the optimizer over ``module`` (or its ``settings.params`` submodule) and wraps it.
@@ -701,6 +709,7 @@ def build_optim_wrapper(
         settings: xp's settings of the optimizer.
         device_type: Where the model runs, for autocast and the GradScaler.
         no_sync: DDP's ``no_sync``; None on a single device.
+        sync_grads: See :class:`OptimWrapper`.
         key: Config key of ``settings``, for error messages.
     """
     owned = _owned_module(module, settings, key)
@@ -719,6 +728,7 @@ def build_optim_wrapper(
         amp=settings.amp,
         device_type=device_type,
         no_sync=no_sync,
+        sync_grads=sync_grads,
         key=key,
     )
 
@@ -730,6 +740,7 @@ def build_optim_wrapper_dict(
     *,
     device_type: str,
     no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
+    sync_grads: Callable[[list[Tensor]], None] | None = None,
     key: str = "optim.optimizers",
 ) -> OptimWrapperDict:
     """Builds one wrapper per name, each over its own ``params`` submodule.
@@ -740,6 +751,7 @@ def build_optim_wrapper_dict(
         settings: Name -> xp's settings of that optimizer (same names as ``factories``).
         device_type: Where the model runs.
         no_sync: DDP's ``no_sync``; None on a single device.
+        sync_grads: See :class:`OptimWrapper`.
         key: Config key of the mapping, for error messages.
 
     Raises:
@@ -753,6 +765,7 @@ def build_optim_wrapper_dict(
             settings[name],
             device_type=device_type,
             no_sync=no_sync,
+            sync_grads=sync_grads,
             key=f"{key}.{name}",
         )
         for name in settings

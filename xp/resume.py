@@ -22,6 +22,8 @@ from xp.checkpoint import Checkpointer, CheckpointError, is_complete
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 ENV = "XP_RESUME"
 """Carries the resolved target from ``xp.__main__`` to ``xp.run`` (and to workers)."""
+TEST_ENV = "XP_TEST"
+"""The same for ``test=<spec>``: the run whose checkpoint to evaluate."""
 
 
 class ResumeError(ValueError):
@@ -46,8 +48,8 @@ class ResumeTarget:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_env(cls) -> ResumeTarget | None:
-        raw = os.environ.get(ENV)
+    def from_env(cls, variable: str = ENV) -> ResumeTarget | None:
+        raw = os.environ.get(variable)
         return cls(**json.loads(raw)) if raw else None
 
 
@@ -94,12 +96,12 @@ def _latest_in(run_dir: Path) -> Path | None:
     return latest
 
 
-def _from_path(path: Path) -> tuple[Path, Path]:
+def _from_path(path: Path, key: str = "resume") -> tuple[Path, Path]:
     """(checkpoint, run_dir) of a run directory or a checkpoint inside one."""
     path = path.resolve()
     if not path.exists():
         raise ResumeError(
-            f"resume={path} does not exist; give a run id, a run directory or a checkpoint."
+            f"{key}={path} does not exist; give a run id, a run directory or a checkpoint."
         )
     if (path / "checkpoints").is_dir() or (path / ".hydra").is_dir():
         latest = _latest_in(path)
@@ -141,9 +143,16 @@ def _download_checkpoint(client: Any, run: Any, run_dir: Path) -> Path | None:
 
 
 def resolve(
-    spec: str, *, tracking_uri: str, experiment_name: str | None, outputs: Path
+    spec: str,
+    *,
+    tracking_uri: str,
+    experiment_name: str | None,
+    outputs: Path,
+    key: str = "resume",
 ) -> ResumeTarget:
     """Turn ``resume=<spec>`` into a checkpoint, its run directory and its MLflow run.
+
+    ``key`` names the argument in errors (``test=`` resolves the same way).
 
     Raises:
         ResumeError: unknown run id, a run of another experiment, no checkpoint, ...
@@ -157,20 +166,20 @@ def resolve(
             run = client.get_run(spec)
         except MlflowException as e:
             raise ResumeError(
-                f"resume={spec}: no such MLflow run in {tracking_uri}; check the id "
+                f"{key}={spec}: no such MLflow run in {tracking_uri}; check the id "
                 "(`python -m xp ui` lists the runs) or MLFLOW_TRACKING_URI."
             ) from e
         experiment = client.get_experiment(run.info.experiment_id).name
         if experiment_name is not None and experiment != experiment_name:
             raise ResumeError(
-                f"resume={spec} is a run of experiment {experiment!r}, not {experiment_name!r}; "
+                f"{key}={spec} is a run of experiment {experiment!r}, not {experiment_name!r}; "
                 f"drop experiment_name={experiment_name} or give a run of that experiment."
             )
         run_dir = Path(run.data.tags.get("xp.run_dir") or outputs / experiment / run.info.run_name)
         checkpoint = _latest_in(run_dir) or _download_checkpoint(client, run, run_dir)
         if checkpoint is None:
             raise ResumeError(
-                f"resume={spec}: the run has no complete checkpoint, neither in {run_dir} nor in "
+                f"{key}={spec}: the run has no complete checkpoint, neither in {run_dir} nor in "
                 "its MLflow artifacts (it stopped before its first save); start it again."
             )
     elif spec == "auto":
@@ -178,11 +187,11 @@ def resolve(
             tracking_uri=tracking_uri, experiment_name=experiment_name, outputs=outputs
         )
     else:
-        checkpoint, run_dir = _from_path(Path(spec))
+        checkpoint, run_dir = _from_path(Path(spec), key)
     try:
         meta = _meta(checkpoint, run_dir)
     except CheckpointError as e:
-        raise ResumeError(f"resume={spec}: {e}") from e
+        raise ResumeError(f"{key}={spec}: {e}") from e
     run_id = run.info.run_id if run is not None else _run_id_of(run_dir, tracking_uri)
     return ResumeTarget(
         checkpoint=str(checkpoint),

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xp.checkpoint import Checkpointer, CheckpointError, load_file
 from xp.config import (
+    CheckpointConfig,
     DataConfig,
     Launcher,
     ModelConfig,
@@ -36,6 +37,8 @@ from xp.config import (
     OptimConfig,
     PhaseConfig,
     StrategyConfig,
+    TaskConfig,
+    TestCheckpoint,
     TrackingConfig,
     TrainerConfig,
 )
@@ -45,9 +48,10 @@ from xp.env import git_info
 from xp.launch import launch_workers, port_in_use
 from xp.log import close_logger
 from xp.optim import OptimSpec
-from xp.resume import ResumeError, ResumeTarget, checkpoint_for_load
+from xp.resume import TEST_ENV, ResumeError, ResumeTarget, checkpoint_for_load
 from xp.scheduler import Phase
 from xp.strategy.base import Prepared, Strategy, TrainingLength
+from xp.task import ModelStepTask, SupervisedTask, task_for_model
 from xp.tracking import (
     MlflowTracker,
     TrackingError,
@@ -74,23 +78,74 @@ def _plain(node: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
-def build_factory(node: DictConfig, schema: type, key: str) -> partial[Any]:
+def build_factory(node: DictConfig, schema: type | None, key: str) -> partial[Any]:
     """A partial of ``node._target_`` with the node's arguments, minus xp's own fields.
 
     ``schema`` is the base schema whose fields are xp's settings (batch size, accumulation,
     phase window...); the rest of the node is the target's keyword arguments.
     """
-    own = {f.name for f in fields(schema)} - {"_target_", "_partial_"}
+    own = {f.name for f in fields(schema)} - {"_target_", "_partial_"} if schema else set()
     kwargs = {k: v for k, v in _plain(node).items() if k not in own}
+    if "_target_" not in kwargs:
+        raise ValueError(f"{key} has no _target_; name the class or function that builds it.")
     kwargs["_partial_"] = True
     try:
         return instantiate(kwargs)
     except InstantiationException as e:
         raise ValueError(
-            f"{key}._target_={kwargs.get('_target_')!r} could not be built: "
-            f"{str(e).strip().splitlines()[-1]}. Check the dotted path and that its package "
-            "is installed."
+            f"{key}._target_={kwargs.get('_target_')!r} could not be built: {_cause(e)}. Check "
+            "the dotted path, that its package is installed and importable from here, and "
+            "its arguments."
         ) from e
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost error's message (an ImportError under Hydra's wrapper, say)."""
+    inner = error
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    lines = str(inner).strip().splitlines() or [type(inner).__name__]
+    text = lines[-1] if inner is error else f"{type(inner).__name__}: {lines[-1]}"
+    return text
+
+
+def settings_of(node: DictConfig, schema: type[Any], key: str) -> Any:
+    """xp's own fields of an open node (``data``), type-checked against ``schema``."""
+    own = {f.name for f in fields(schema)}
+    values = {k: v for k, v in _plain(node).items() if k in own}
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except Exception as e:  # omegaconf's ValidationError and friends name the field
+        raise ValueError(f"{key}: {str(e).strip().splitlines()[0]}") from None
+
+
+def build_task(node: DictConfig) -> SupervisedTask:
+    """The supervised step and its metrics (``task``)."""
+    settings: TaskConfig = OmegaConf.to_object(node)  # type: ignore[assignment]
+    metrics = {}
+    for name, sub in node.metrics.items():
+        if not isinstance(sub, DictConfig) or "_target_" not in sub:
+            raise ValueError(
+                f"task.metrics.{name!s} has no _target_; name a metric class, e.g. "
+                "{_target_: xp.metric.Accuracy}."
+            )
+        metrics[str(name)] = build_factory(sub, None, f"task.metrics.{name!s}")()
+    return SupervisedTask(
+        settings.loss,
+        ignore_index=settings.ignore_index,
+        input_key=settings.input_key,
+        target_key=settings.target_key,
+        metrics=metrics,
+    )
+
+
+def _defines_train_step(node: DictConfig) -> bool:
+    """Whether ``model._target_`` is a class with its own ``train_step``."""
+    try:
+        target = get_class(str(node._target_))
+    except Exception:  # a function that builds the model, or an error build() reports
+        return False
+    return callable(getattr(target, "train_step", None))
 
 
 def build_strategy(cfg: DictConfig, log_dir: Path) -> Strategy:
@@ -159,7 +214,7 @@ def build_phases(node: DictConfig) -> list[Phase] | dict[str, list[Phase]]:
 
 def build_loaders(
     datasets: Datasets, settings: DataConfig, strategy: Strategy
-) -> tuple[EpochLoader, EpochLoader | None]:
+) -> tuple[EpochLoader, EpochLoader | None, EpochLoader | None]:
     common: dict[str, Any] = {
         "batch_size": settings.batch_size,
         "seed": strategy.seed,
@@ -170,10 +225,15 @@ def build_loaders(
         "persistent_workers": settings.persistent_workers,
     }
     train = EpochLoader(datasets.train, shuffle=True, drop_last=settings.drop_last, **common)
-    val = None
-    if datasets.val is not None:
-        val = EpochLoader(datasets.val, shuffle=False, pad=False, **common)
-    return train, val
+    val, test = (
+        None if split is None else EpochLoader(split, shuffle=False, pad=False, **common)
+        for split in (datasets.val, datasets.test)
+    )
+    return train, val, test
+
+
+_NOT_PARAMS = ("test", "test_checkpoint")
+"""Config keys that say what a command does with a run, not how the run trains."""
 
 
 def build_tracker(
@@ -197,7 +257,9 @@ def build_tracker(
     }
     if os.environ.get("SLURM_JOB_ID"):
         tags["xp.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-    if target is not None:
+    if cfg.get("test"):
+        del tags["xp.overrides"]  # test= re-opens the run: keep how it was trained
+    elif target is not None:
         tags["xp.resumed_from"] = target.checkpoint
         tags["xp.resume_overrides"] = " ".join(f"{k}={v}" for k, v in (accepted or {}).items())
     if cfg.load_from:
@@ -207,13 +269,18 @@ def build_tracker(
         tags["mlflow.source.git.commit"] = git["git_commit"]
         tags["xp.git_commit"] = git["git_commit"]
         tags["xp.git_dirty"] = str(git["git_dirty"]).lower()
+    from xp.sweep import job_tags
+
+    # Every run: xp.config_hash. A sweep's job: named by its swept values, under the parent.
+    sweep_name, sweep_tags = job_tags(cfg)
+    tags.update(sweep_tags)
     return MlflowTracker(
         settings,
         tracking_uri=uri,
         experiment_name=cfg.experiment_name,
-        run_name=strategy.timestamp,
+        run_name=sweep_name or strategy.timestamp,
         tags=tags,
-        params=flatten_params(_plain(cfg)),
+        params=flatten_params({k: v for k, v in _plain(cfg).items() if k not in _NOT_PARAMS}),
         artifact_location=default_artifact_location(uri, cfg.experiment_name),
         run_id=target.run_id if target is not None else None,
         logger=strategy.logger,
@@ -262,7 +329,11 @@ def restore_config(cfg: DictConfig, target: ResumeTarget) -> tuple[DictConfig, d
     from hydra import compose
 
     saved = _flat(yaml.safe_load(_saved_config(target)) or {})
-    choices = [f"{g}={o}" for g, o in target.choices.items() if o is not None]
+    from xp.__main__ import choice_overrides
+
+    choices = choice_overrides(
+        {g: o for g, o in target.choices.items() if not g.startswith("hydra")}
+    )
     base = compose("config", overrides=[*choices, f"experiment_name={target.experiment_name}"])
     before, now = _flat(_plain(base)), _flat(_plain(cfg))
     given = {k: v for k, v in now.items() if before.get(k, _MISSING) != v}
@@ -316,10 +387,13 @@ class Built:
 
     strategy: Strategy
     prepared: Prepared
+    task: SupervisedTask | ModelStepTask
     train_loader: EpochLoader
     val_loader: EpochLoader | None
+    test_loader: EpochLoader | None
     length: TrainingLength
     trainer: TrainerConfig
+    checkpoint: CheckpointConfig
     tracking: TrackingConfig
     config_yaml: str
 
@@ -335,10 +409,10 @@ def build_trainer(built: Built, *, checkpoint_extra: Mapping[str, Any] | None = 
         settings=built.trainer,
         length=built.length,
         checkpointer=Checkpointer(
-            strategy.checkpoint_dir,
-            built.trainer.keep_checkpoints,
-            sharded=strategy.sharded_checkpoints,
+            strategy.checkpoint_dir, built.checkpoint.keep, sharded=strategy.sharded_checkpoints
         ),
+        task=built.task,
+        checkpoint=built.checkpoint,
         checkpoint_extra=checkpoint_extra,
     )
 
@@ -351,21 +425,24 @@ def build(cfg: DictConfig, log_dir: Path) -> Built:
     """
     strategy = build_strategy(cfg, log_dir)
     try:
-        data: DataConfig = OmegaConf.to_object(cfg.data)  # type: ignore[assignment]
+        data: DataConfig = settings_of(cfg.data, DataConfig, "data")
         datasets = build_factory(cfg.data, DataConfig, "data")()
         if not isinstance(datasets, Datasets):
             raise TypeError(
                 f"data._target_={cfg.data._target_!r} returned a {type(datasets).__name__}; it "
-                "must return xp.data.Datasets(train=..., val=...)."
+                "must return xp.data.Datasets(train=..., val=..., test=...)."
             )
-        train_loader, val_loader = build_loaders(datasets, data, strategy)
+        train_loader, val_loader, test_loader = build_loaders(datasets, data, strategy)
+        supervised = build_task(cfg.task)
         optim = build_optim(cfg.optim)
         first = optim if isinstance(optim, OptimSpec) else next(iter(optim.values()), None)
         trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)  # type: ignore[assignment]
+        # A model with its own train_step counts a step per batch; its wrappers accumulate.
+        accumulation = 1 if _defines_train_step(cfg.model) or first is None else None
         length = training_length(
             trainer,
             batches_per_epoch=len(train_loader),
-            accumulative_counts=max(1, first.settings.accumulative_counts if first else 1),
+            accumulative_counts=accumulation or max(1, first.settings.accumulative_counts),  # type: ignore[union-attr]
         )
         prepared = strategy.prepare(
             build_factory(cfg.model, ModelConfig, "model"),
@@ -377,10 +454,13 @@ def build(cfg: DictConfig, log_dir: Path) -> Built:
         return Built(
             strategy=strategy,
             prepared=prepared,
+            task=task_for_model(strategy.unwrap(prepared.model), supervised),
             train_loader=train_loader,
             val_loader=val_loader,
+            test_loader=test_loader,
             length=length,
             trainer=trainer,
+            checkpoint=OmegaConf.to_object(cfg.checkpoint),  # type: ignore[arg-type]
             tracking=OmegaConf.to_object(cfg.tracking),  # type: ignore[arg-type]
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
         )
@@ -393,22 +473,43 @@ def run(cfg: DictConfig) -> float | None:
     """Train the composed experiment; returns ``trainer.objective`` for Hydra's sweepers."""
     log_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     created_here = _fresh_run_dir(log_dir)
-    target = ResumeTarget.from_env()
+    tested = ResumeTarget.from_env(TEST_ENV) if cfg.get("test") else None
+    target = tested or ResumeTarget.from_env()
+    # ---- sweeps (xp.sweep): a re-run sweep's job skips its FINISHED twin, resumes a KILLED one
+    from xp.sweep import plan_job
+
+    plan = plan_job(cfg, log_dir, target)
+    if plan is not None and plan.skip:
+        return plan.objective
+    if plan is not None and plan.resume is not None:
+        target, log_dir, created_here = plan.resume, Path(plan.resume.run_dir), False
+    # ---- end of sweeps
     accepted: dict[str, Any] = {}
+    # What this command trusts: its own overrides and config files, never a saved config's.
+    allowed = list(cfg.target_allowlist or [])
     if target is not None:
         try:
             cfg, accepted = restore_config(cfg, target)
         except ResumeError as e:
             print(f"xp: error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
+    elif cfg.get("test"):
+        print(
+            f"xp: error: test={cfg.test} was not resolved to a run; give it on the command line "
+            "(python -m xp test=<run id | run directory | checkpoint>).",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
     nproc = int(cfg.strategy.get("nproc_per_node", 1))
     if infer_launcher() is Launcher.none and nproc != 1:
         return _run_workers(cfg, log_dir, nproc, created_here)
+    if tested is not None:
+        return _test(cfg, tested, accepted, log_dir, allowed)
     tracker: MlflowTracker | None = None
     strategy: Strategy | None = None
     started = False
     try:
-        check_targets(cfg, allowed=cfg.target_allowlist, restored=target is not None)
+        check_targets(cfg, allowed=allowed, restored=target is not None)
         built = build(cfg, log_dir)
         strategy = built.strategy
         trainer = build_trainer(
@@ -481,6 +582,96 @@ def run(cfg: DictConfig) -> float | None:
         if strategy is not None:
             strategy.teardown()
         close_logger()
+
+
+def _test(
+    cfg: DictConfig,
+    target: ResumeTarget,
+    accepted: Mapping[str, Any],
+    log_dir: Path,
+    allowed: list[str],
+) -> float | None:
+    """``test=<run>``: evaluate a checkpoint of that run on the test split, log ``test/*``
+    onto the same MLflow run, and leave its training state and status as they were."""
+    strategy: Strategy | None = None
+    tracker: MlflowTracker | None = None
+    try:
+        check_targets(cfg, allowed=allowed, restored=True)
+        built = build(cfg, log_dir)
+        strategy = built.strategy
+        if built.test_loader is None:
+            raise ValueError(
+                f"test={cfg.test}: data._target_={cfg.data._target_!r} gives no test split; set "
+                "data.test_fraction (digits) or data.test (a dataset), or the test= of your "
+                "data factory."
+            )
+        checkpoint = _checkpoint_to_test(target, cfg.test_checkpoint, strategy, str(cfg.test))
+        state = strategy.load_checkpoint(checkpoint)
+        step = int(state.get("progress", {}).get("step", 0))
+        trainer = build_trainer(built)
+        metrics = trainer.evaluate(built.test_loader, "test")
+        if strategy.is_main_process:
+            (Path(target.run_dir) / "test_metrics.json").write_text(
+                json.dumps({"checkpoint": str(checkpoint), "step": step, **metrics}, indent=2)
+            )
+        tracker = build_tracker(cfg, strategy, built.tracking, target, accepted)
+        run_id = None
+        if tracker is not None:
+            status = _run_status(built.tracking, cfg, target.run_id)
+            tracker.start()
+            tracker.set_tags({"xp.test_checkpoint": str(checkpoint), "xp.test_step": str(step)})
+            tracker.log_metrics(metrics, step)
+            run_id = tracker.run_id
+            tracker.close(status)
+        strategy.logger.info(
+            "Tested %s (step %d): %s",
+            checkpoint.name,
+            step,
+            ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())),
+        )
+        print(f"xp: tested {checkpoint} on the test split; MLflow run {run_id}", flush=True)
+        objective = metrics.get("test/" + built.trainer.objective.split("/", 1)[-1])
+        return None if objective is None else float(objective)
+    except BaseException as e:
+        if tracker is not None:
+            with contextlib.suppress(TrackingError):
+                tracker.close(_run_status(built.tracking, cfg, target.run_id))
+        if isinstance(e, USER_ERRORS) and not os.environ.get("HYDRA_FULL_ERROR"):
+            print(f"xp: error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise
+    finally:
+        built = trainer = None  # type: ignore[assignment]
+        if strategy is not None:
+            strategy.teardown()
+        close_logger()
+
+
+def _checkpoint_to_test(target: ResumeTarget, which: Any, strategy: Strategy, spec: str) -> Path:
+    """The named checkpoint; else the run's best (``test_checkpoint=best``) or latest."""
+    given = Path(target.checkpoint)
+    if Path(spec).exists() and Path(spec).resolve() == given.resolve():
+        return given
+    if TestCheckpoint(which) is TestCheckpoint.best:
+        best = Checkpointer(Path(target.run_dir) / "checkpoints").best()
+        if best is not None:
+            return best
+        strategy.logger.info("The run recorded no best checkpoint; testing its latest.")
+    return given
+
+
+def _run_status(settings: TrackingConfig, cfg: DictConfig, run_id: str | None) -> str:
+    """The status an MLflow run had before ``test=`` re-opened it (FINISHED if unknown)."""
+    if run_id is None:
+        return "FINISHED"
+    try:
+        from mlflow import MlflowClient
+
+        uri = settings.tracking_uri or default_tracking_uri(launch_dir())
+        status = MlflowClient(uri).get_run(run_id).info.status
+    except Exception:  # the store is checked when the tracker starts; keep FINISHED here
+        return "FINISHED"
+    return status if status in ("FINISHED", "FAILED", "KILLED") else "FINISHED"
 
 
 @contextlib.contextmanager
@@ -564,7 +755,11 @@ def _run_workers(cfg: DictConfig, log_dir: Path, nproc: int, created_here: bool)
             file=sys.stderr,
         )
         raise SystemExit(1)
-    status = launch_workers(nproc, port, sys.argv[1:])
+    from xp.sweep import worker_launch
+
+    # A sweep's job gives its workers its own overrides and directory, not the whole sweep.
+    with worker_launch(log_dir, nproc) as argv:
+        status = launch_workers(nproc, port, argv)
     if status != 0:
         if created_here and _fresh_run_dir(log_dir):
             _remove_half_made_run_dir(log_dir)

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from xp.checkpoint import Checkpointer
-from xp.config import NonFinite, TrainerConfig
+from xp.config import CheckpointConfig, Mode, NonFinite, TrainerConfig
 from xp.data import EpochLoader
 from xp.optim import OptimWrapper
 from xp.strategy.base import Prepared, Strategy, TrainingLength
+from xp.task import ModelStepTask, SupervisedTask
 
 
 class MetricSink(Protocol):
@@ -63,34 +63,44 @@ class NonFiniteLossError(ValueError):
 
 
 class LogWindow:
-    """The training loss and samples since the last log step (saved for exact resumes)."""
+    """What the steps since the last log step returned, summed (saved for exact resumes)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum = torch.zeros((), device=self.device)
+        self.sums: dict[str, torch.Tensor] = {}
         self.batches = 0
         self.samples = 0
         self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, samples: int) -> None:
-        self.loss_sum += loss.detach()
+    def add(self, values: Mapping[str, Any], samples: int) -> None:
+        sums = self.sums
+        for key, value in values.items():
+            value = value.detach() if isinstance(value, torch.Tensor) else float(value)
+            if key in sums:
+                sums[key] += value
+            else:
+                sums[key] = torch.zeros((), device=self.device) + value
         self.batches += 1
         self.samples += samples
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss_sum": self.loss_sum.detach().cpu().clone(), "batches": self.batches}
+        return {
+            "sums": {k: v.detach().cpu().clone() for k, v in self.sums.items()},
+            "batches": self.batches,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.reset()
-        self.loss_sum = state["loss_sum"].to(self.device)
+        sums = state["sums"] if "sums" in state else {"loss": state["loss_sum"]}
+        self.sums = {k: v.to(self.device) for k, v in sums.items()}
         self.batches = int(state["batches"])
 
 
 def training_length(
-    settings: TrainerConfig, *, batches_per_epoch: int, accumulative_counts: int
+    settings: TrainerConfig, *, batches_per_epoch: int, accumulative_counts: int = 1
 ) -> TrainingLength:
     """Optimizer steps per epoch and in total, from max_epochs and/or max_steps."""
     if settings.max_epochs is None and settings.max_steps is None:
@@ -153,11 +163,14 @@ class Trainer:
     Args:
         strategy: The strategy that prepared the model (device, collectives, checkpoints).
         prepared: What ``strategy.prepare`` returned; needs an optimizer wrapper.
-        train_loader: Training batches, ``(inputs, targets)``.
+        train_loader: Training batches.
         val_loader: Validation batches, or None.
         settings: The trainer config.
         length: Steps per epoch and in total (from :func:`training_length`).
         checkpointer: Names and prunes this run's checkpoints.
+        task: What a step and an evaluation do (default: cross-entropy on ``(inputs,
+            targets)``, no metrics but the loss); the model's own ``train_step`` wins.
+        checkpoint: When to save, and which metric picks the best checkpoint.
         tracker: Receives metrics (rank 0 only; None elsewhere).
         checkpoint_extra: Saved in every checkpoint beside the states (e.g. the config).
     """
@@ -172,40 +185,65 @@ class Trainer:
         settings: TrainerConfig,
         length: TrainingLength,
         checkpointer: Checkpointer,
+        task: SupervisedTask | ModelStepTask | None = None,
+        checkpoint: CheckpointConfig | None = None,
         tracker: MetricSink | None = None,
         checkpoint_extra: Mapping[str, Any] | None = None,
     ) -> None:
         if prepared.optim_wrapper is None:
             raise ValueError("Trainer needs an optimizer; prepare the model with optim=...")
-        for key in (
-            "val_interval_epochs",
-            "checkpoint_interval_epochs",
-            "checkpoint_interval_steps",
+        checkpoint = checkpoint or CheckpointConfig()
+        for key, value in (
+            ("trainer.val_interval_epochs", settings.val_interval_epochs),
+            ("checkpoint.interval_epochs", checkpoint.interval_epochs),
+            ("checkpoint.interval_steps", checkpoint.interval_steps),
+            ("checkpoint.keep", checkpoint.keep),
         ):
-            if getattr(settings, key) < 0:
-                raise ValueError(
-                    f"trainer.{key}={getattr(settings, key)} must be >= 0 (0 turns it off)."
-                )
+            if value < 0:
+                raise ValueError(f"{key}={value} must be >= 0 (0 turns it off).")
         if settings.log_interval_steps < 1:
             raise ValueError(
                 f"trainer.log_interval_steps={settings.log_interval_steps} must be >= 1."
             )
+        if checkpoint.monitor is not None:
+            if val_loader is None or not settings.val_interval_epochs:
+                raise ValueError(
+                    f"checkpoint.monitor={checkpoint.monitor!r} needs validation, but this run "
+                    "has no validation data or trainer.val_interval_epochs=0."
+                )
+            if not checkpoint.monitor.startswith("val/"):
+                raise ValueError(
+                    f"checkpoint.monitor={checkpoint.monitor!r} is not a validation metric; "
+                    "name one that validation logs, e.g. val/acc or val/loss."
+                )
         self.strategy = strategy
         self.model = prepared.model
+        self.module = strategy.unwrap(prepared.model)
         self.optim = prepared.optim_wrapper
         self.schedules = list(prepared.schedules.values())
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.settings = settings
+        self.checkpoint = checkpoint
         self.length = length
         self.checkpointer = checkpointer
+        self.task = task if task is not None else SupervisedTask()
+        if self.task.custom_step and settings.nonfinite is NonFinite.skip:
+            raise ValueError(
+                f"trainer.nonfinite=skip needs xp to make the update, but "
+                f"{type(self.module).__qualname__} steps its optimizers in its own train_step; "
+                "use trainer.nonfinite=stop, or skip such batches inside train_step."
+            )
         self.tracker = tracker
         self.checkpoint_extra = dict(checkpoint_extra or {})
         self.metrics: dict[str, float] = {}
+        self.best: dict[str, Any] | None = None
+        """The best checkpoint so far: step, value and path (with ``checkpoint.monitor``)."""
         self.last_checkpoint: Path | None = None
+        self._checkpointed_at = -1
         self.progress = Progress()
         self._window = LogWindow(strategy.root_device)
-        self.async_checkpoints = settings.async_checkpoint and strategy.use_async_checkpoints(
+        self.async_checkpoints = checkpoint.async_save and strategy.use_async_checkpoints(
             on_done=lambda _: checkpointer.prune()
         )
         self._skipped = 0
@@ -231,32 +269,32 @@ class Trainer:
         p = progress or self.progress
         self.progress = p
         s = self.settings
+        c = self.checkpoint
         total = self.length.total_steps
-        model, optim, loader = self.model, self.optim, self.train_loader
+        model, module, optim, loader = self.model, self.module, self.optim, self.train_loader
+        step_fn, to_device = self.task.train_step, self.strategy.to_device
+        custom = self.task.custom_step
         bar_enabled = sys.stderr.isatty() if s.progress_bar is None else s.progress_bar
         bar = ProgressBar(
             total, enabled=bar_enabled and self.strategy.is_main_process, initial=p.step
         )
         window = self._window
         skip_nonfinite = s.nonfinite is NonFinite.skip
-        validated_at = checkpointed_at = p.step if p.step else -1
+        validated_at = p.step if p.step else -1
+        self._checkpointed_at = p.step if p.step else -1
 
         while p.step < total:
             loader.set_epoch(p.epoch)
             optim.initialize_count_status(inner_count=p.batch_in_epoch, max_counts=len(loader))
             model.train()
             for batch in loader.iter_from(p.batch_in_epoch):
-                inputs, targets = self.strategy.to_device(batch)
-                with optim.optim_context():
-                    loss = F.cross_entropy(model(inputs), targets)
-                if skip_nonfinite and not torch.isfinite(loss):
-                    optim.skip_micro_batch()
+                values, samples = step_fn(model, module, to_device(batch), optim, skip_nonfinite)
+                if values is None:
                     self._skipped += 1
                 else:
-                    optim.update_params(loss)
-                    window.add(loss, targets.shape[0])
+                    window.add(values, samples)
                 p.batch_in_epoch += 1
-                if not optim.should_update():
+                if not custom and not optim.should_update():
                     continue
                 p.step += 1
                 for schedule in self.schedules:
@@ -264,11 +302,10 @@ class Trainer:
                 if p.step % s.log_interval_steps == 0:
                     self._log_train(p, bar)
                 bar.update(p.step)
-                if s.checkpoint_interval_steps and p.step % s.checkpoint_interval_steps == 0:
+                if c.interval_steps and p.step % c.interval_steps == 0:
                     self.save_checkpoint(p)
-                    checkpointed_at = p.step
                 if self._stop_requested(p):
-                    self._stop(p, checkpointed_at, bar)
+                    self._stop(p, bar)
                 if p.step >= total:
                     break
             if p.batch_in_epoch >= len(loader):
@@ -280,18 +317,15 @@ class Trainer:
                 if s.val_interval_epochs and (p.epoch % s.val_interval_epochs == 0 or last):
                     self.validate(p)
                     validated_at = p.step
-                every = s.checkpoint_interval_epochs
-                if every and (p.epoch % every == 0 or last) and checkpointed_at != p.step:
+                every = c.interval_epochs
+                if every and (p.epoch % every == 0 or last) and self._checkpointed_at != p.step:
                     self.save_checkpoint(p)
-                    checkpointed_at = p.step
                 if self._stop_requested(p, collective=True):
-                    self._stop(p, checkpointed_at, bar)
+                    self._stop(p, bar)
         bar.close()
         if validated_at != p.step and s.val_interval_epochs:
             self.validate(p)
-        if checkpointed_at != p.step and (
-            s.checkpoint_interval_epochs or s.checkpoint_interval_steps
-        ):
+        if self._checkpointed_at != p.step and (c.interval_epochs or c.interval_steps):
             self.save_checkpoint(p)
         self.strategy.wait_for_checkpoints()
         return self.metrics
@@ -317,9 +351,9 @@ class Trainer:
             self._agreed_signal = int(self.strategy.all_reduce(flag, op="sum").item() > 0)
         return bool(self._agreed_signal)
 
-    def _stop(self, p: Progress, checkpointed_at: int, bar: ProgressBar) -> None:
+    def _stop(self, p: Progress, bar: ProgressBar) -> None:
         bar.close()
-        if checkpointed_at != p.step:
+        if self._checkpointed_at != p.step:
             self.save_checkpoint(p)
         self.strategy.wait_for_checkpoints()
         signum = self._stop_signal or signal.SIGTERM
@@ -336,35 +370,45 @@ class Trainer:
     def _log_train(self, p: Progress, bar: ProgressBar) -> None:
         window = self._window
         now = time.perf_counter()
-        loss = window.loss_sum / max(1, window.batches)
+        batches = max(1, window.batches)
+        names = list(window.sums)
         samples_per_s = window.samples / max(1e-9, now - window.started)
-        loss = loss.detach().float()
         world_size = self.strategy.world_size
         if world_size == 1:
             # Nothing to reduce: skipping the stack, all-reduce and unpacking saves five tensor
             # ops per log step (~10 us on a CPU, measured in benchmarks/); same values.
             self._agreed_signal = 0
-            mean_loss, samples = loss, loss.new_tensor(samples_per_s)
+            means = {k: (v / batches).float() for k, v in window.sums.items()}
+            samples: Any = samples_per_s
         else:
             stop = float(self._stop_signal or 0)
-            packed = torch.stack([loss, loss.new_tensor(samples_per_s), loss.new_tensor(stop)])
-            reduced = self.strategy.all_reduce(packed, op="sum")
-            self._agreed_signal = int(reduced[2].item() > 0)
-            mean_loss, samples = reduced[0] / world_size, reduced[1]
-        # Reading the 0-dim loss once (the sync bool(tensor) does too) beats torch.isfinite
-        # by ~4 us per log step.
-        if self.settings.nonfinite is NonFinite.stop and not math.isfinite(mean_loss.item()):
-            raise NonFiniteLossError(
-                f"The training loss became {mean_loss.item()} between steps "
-                f"{p.step - self.settings.log_interval_steps} and {p.step}; lower optim.lr, "
-                "clip gradients (optim.clip_grad.max_norm), or set trainer.nonfinite=skip to "
-                "drop such batches."
+            device = self.strategy.root_device
+            # Every rank logs the same names: a step's values do not depend on the rank.
+            packed = torch.stack(
+                [
+                    *(window.sums[k].float() / batches for k in names),
+                    torch.tensor(samples_per_s, device=device),
+                    torch.tensor(stop, device=device),
+                ]
             )
-        metrics: dict[str, Any] = {
-            "train/loss": mean_loss,
-            "train/samples_per_s": samples,
-            "train/epoch": p.epoch,
-        }
+            reduced = self.strategy.all_reduce(packed, op="sum")
+            self._agreed_signal = int(reduced[-1].item() > 0)
+            means = {k: reduced[i] / world_size for i, k in enumerate(names)}
+            samples = reduced[-2]
+        if self.settings.nonfinite is NonFinite.stop:
+            for key, value in means.items():
+                # Reading the 0-dim loss once (the sync bool(tensor) does too) beats
+                # torch.isfinite by ~4 us per log step.
+                if "loss" in key and not math.isfinite(value.item()):
+                    raise NonFiniteLossError(
+                        f"The training {key} became {value.item()} between steps "
+                        f"{p.step - self.settings.log_interval_steps} and {p.step}; lower "
+                        "optim.lr, clip gradients (optim.clip_grad.max_norm), or set "
+                        "trainer.nonfinite=skip to drop such batches."
+                    )
+        metrics: dict[str, Any] = {f"train/{k}": v for k, v in means.items()}
+        metrics["train/samples_per_s"] = samples
+        metrics["train/epoch"] = p.epoch
         for key, wrapper in self._lr_keys.items():
             metrics[key] = wrapper.get_lr()[0]
         if self._skipped:
@@ -372,38 +416,81 @@ class Trainer:
         self._log(metrics, p.step)
         if bar.enabled:
             lr = metrics[next(iter(self._lr_keys))]
-            bar.postfix = f"epoch {p.epoch} loss {float(mean_loss):.4f} lr {lr:.3g}"
+            shown = " ".join(f"{k} {float(v):.4f}" for k, v in means.items())
+            bar.postfix = f"epoch {p.epoch} {shown} lr {lr:.3g}"
         window.reset()
 
-    @torch.no_grad()
+    def evaluate(self, loader: EpochLoader, prefix: str) -> dict[str, float]:
+        """The task's loss and metrics over ``loader``, on every rank, as ``<prefix>/<name>``."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            values = self.task.evaluate(model, self.module, loader, self.strategy)
+        finally:
+            model.train(was_training)
+        return {f"{prefix}/{k}": v for k, v in values.items()}
+
     def validate(self, p: Progress) -> dict[str, float]:
-        """Loss and accuracy over the whole validation set, summed over every rank."""
+        """The validation metrics, logged at step ``p.step``; a new best is checkpointed."""
         if self.val_loader is None:
             return {}
-        model = self.model
-        model.eval()
-        device = self.strategy.root_device
-        totals = torch.zeros(3, device=device, dtype=torch.float64)
-        for batch in self.val_loader:
-            inputs, targets = self.strategy.to_device(batch)
-            logits = model(inputs)
-            totals[0] += F.cross_entropy(logits.float(), targets, reduction="sum")
-            totals[1] += (logits.argmax(dim=-1) == targets).sum()
-            totals[2] += targets.numel()
-        totals = self.strategy.all_reduce(totals, op="sum")
-        loss, correct, count = totals.tolist()
-        result = {"val/loss": loss / count, "val/acc": correct / count}
+        result = self.evaluate(self.val_loader, "val")
         self.metrics.update(result)
         self._log(result, p.step)
         self.strategy.logger.info(
-            "epoch %d step %d: val/loss %.4f val/acc %.4f",
+            "epoch %d step %d: %s",
             p.epoch,
             p.step,
-            result["val/loss"],
-            result["val/acc"],
+            " ".join(f"{k} {v:.4f}" for k, v in result.items()),
         )
-        model.train()
+        monitor = self.checkpoint.monitor
+        if monitor is not None:
+            if monitor not in result:
+                raise ValueError(
+                    f"checkpoint.monitor={monitor!r} is never logged: validation logs "
+                    f"{sorted(result)}. Set checkpoint.monitor to one of them."
+                )
+            if self._improves(result[monitor]):
+                self.best = {"step": p.step, "metric": monitor, "value": result[monitor]}
+                if self._checkpointed_at != p.step:
+                    self.save_checkpoint(p)
+                else:
+                    assert self.last_checkpoint is not None
+                    self._mark_best(self.last_checkpoint)
         return result
+
+    def _improves(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best is None:
+            return True
+        if self.checkpoint.mode is Mode.max:
+            return value > self.best["value"]
+        return value < self.best["value"]
+
+    def _mark_best(self, path: Path) -> None:
+        assert self.best is not None
+        self.best["path"] = str(path)
+        if self.strategy.is_main_process:
+            self.checkpointer.set_best(path, self.best)
+            set_tags = getattr(self.tracker, "set_tags", None)
+            if set_tags is not None:
+                set_tags(
+                    {
+                        "xp.best_checkpoint": path.name,
+                        "xp.best_step": str(self.best["step"]),
+                        "xp.best_metric": self.best["metric"],
+                        "xp.best_value": repr(self.best["value"]),
+                    }
+                )
+        self.strategy.logger.info(
+            "New best %s %.4f at step %d: %s",
+            self.best["metric"],
+            self.best["value"],
+            self.best["step"],
+            path.name,
+        )
 
     def _log(self, metrics: dict[str, Any], step: int) -> None:
         if self.tracker is not None:
@@ -439,21 +526,32 @@ class Trainer:
         self.metrics = {k: float(v) for k, v in checkpoint.get("metrics", {}).items()}
         if "log_window" in checkpoint:
             self._window.load_state_dict(checkpoint["log_window"])
+        best = checkpoint.get("best")
+        if best and best.get("metric") == self.checkpoint.monitor:
+            self.best = dict(best)
         return self.progress
 
     def save_checkpoint(self, p: Progress) -> Path:
         """Save a checkpoint of the current state and prune the old ones."""
         path = self.checkpointer.path_for(p.step)
+        new_best = self.best is not None and self.best["step"] == p.step
+        if new_best:
+            assert self.best is not None
+            self.best["path"] = str(path)
         extra = {
             "progress": p.state_dict(),
             "log_window": self._window.state_dict(),
             "metrics": dict(self.metrics),
             "unstored_metrics": self._metrics_not_yet_stored(),
+            "best": dict(self.best) if self.best else {},
             **self.checkpoint_extra,
         }
         self.strategy.save_checkpoint(path, extra=extra)
+        self._checkpointed_at = p.step
+        self.last_checkpoint = path
+        if new_best:
+            self._mark_best(path)
         if self.strategy.is_main_process and not self.async_checkpoints:
             self.checkpointer.prune()
-        self.last_checkpoint = path
         self.strategy.logger.info("Saved checkpoint %s.", path)
         return path

@@ -14,10 +14,31 @@ from xp.__main__ import CONF_DIR
 from xp.optim import OptimWrapper, OptimWrapperDict
 from xp.run import build
 
-GROUPS = ("strategy", "optim", "scheduler", "randomness", "model", "data", "trainer", "tracking")
+GROUPS = (
+    "strategy",
+    "optim",
+    "scheduler",
+    "randomness",
+    "model",
+    "data",
+    "task",
+    "trainer",
+    "checkpoint",
+    "tracking",
+    "experiment",
+)
 CASES = [
     (group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))
 ]
+COMPANIONS = {
+    ("optim", "gan"): ["model=gan_2d", "data=gaussian_mixture"],
+    ("model", "digits_cnn"): ["data.as_images=true"],
+    ("model", "addition_transformer"): ["data=addition"],
+    ("data", "addition"): ["model=addition_transformer", "task=sequence"],
+    ("task", "sequence"): ["model=addition_transformer", "data=addition"],
+    ("task", "regression"): ["model.num_classes=1"],
+}
+"""Options that only make sense with others (a GAN's optimizers need the GAN's submodules)."""
 
 
 def test_every_group_has_options() -> None:
@@ -27,7 +48,15 @@ def test_every_group_has_options() -> None:
 
 @pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_option_composes_and_builds(compose, group: str, option: str, tmp_path: Path) -> None:
-    cfg = compose([f"{group}={option}", "trainer.max_epochs=3"])
+    choice = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
+    cfg = compose(
+        [
+            choice,
+            *COMPANIONS.get((group, option), []),
+            "trainer.max_epochs=3",
+            "trainer.max_steps=null",
+        ]
+    )
     built = build(cfg, tmp_path / "run")
     try:
         strategy, prepared = built.strategy, built.prepared

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils.data import TensorDataset
 
 from xp.checkpoint import COMPLETE_MARKER, Checkpointer, CheckpointError, is_complete
-from xp.config import AdamWConfig, DType, RandomnessConfig, TrainerConfig
+from xp.config import AdamWConfig, CheckpointConfig, DType, RandomnessConfig, TrainerConfig
 from xp.data import EpochLoader
 from xp.model import MLP
 from xp.optim import OptimSpec
@@ -288,7 +288,7 @@ def _train_with_trainer(rank: int, world_size: int, tmp: Path) -> None:
     # 129 samples: rank 0 gets 65 (2 batches), rank 1 64 (1 batch) unless the loader evens
     # them out; FSDP needs every rank to run the same number of forwards.
     val = EpochLoader(TensorDataset(x[256:], y[256:]), shuffle=False, pad=False, **common)
-    settings = TrainerConfig(max_epochs=4, log_interval_steps=1, checkpoint_interval_epochs=0)
+    settings = TrainerConfig(max_epochs=4, log_interval_steps=1)
     length = training_length(settings, batches_per_epoch=len(train), accumulative_counts=1)
     prepared = strategy.prepare(
         lambda: MLP(8, [32], 3, dropout=0.0),
@@ -303,6 +303,7 @@ def _train_with_trainer(rank: int, world_size: int, tmp: Path) -> None:
         settings=settings,
         length=length,
         checkpointer=Checkpointer(tmp / "checkpoints", sharded=True),
+        checkpoint=CheckpointConfig(interval_epochs=0),
     )
     before = trainer.validate(Progress())["val/loss"]
     after = trainer.fit()["val/loss"]

@@ -117,9 +117,21 @@ def test_bad_loader_settings() -> None:
 
 
 def test_digits_split() -> None:
-    data = digits(val_fraction=0.2)
-    assert len(data.train) + len(data.val) == 1797
+    data = digits(val_fraction=0.2, test_fraction=0.1)
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+    assert abs(len(data.val) - 0.2 * 1797) <= 10 and abs(len(data.test) - 0.1 * 1797) <= 10
     x, y = data.train[0]
     assert x.shape == (64,) and float(x.min()) >= 0 and float(x.max()) <= 1
+    # Stratified: every class is in every split, in about the same share.
+    for split in (data.train, data.val, data.test):
+        counts = torch.bincount(split.tensors[1], minlength=10).float()
+        assert counts.min() / counts.max() > 0.8
+    # The split is the same every time (every run validates on the same images).
+    again = digits(val_fraction=0.2, test_fraction=0.1)
+    assert torch.equal(again.val.tensors[0], data.val.tensors[0])
+    assert digits(as_images=True).train.tensors[0].shape[1:] == (1, 8, 8)
+    assert digits(test_fraction=0).test is None
     with pytest.raises(ValueError, match="data.val_fraction=1.5"):
         digits(val_fraction=1.5)
+    with pytest.raises(ValueError, match="leave nothing to train on"):
+        digits(val_fraction=0.5, test_fraction=0.5)

@@ -242,6 +242,10 @@ class Strategy(ABC):
         """A context factory that skips gradient sync on accumulating micro-batches."""
         return None
 
+    def _sync_grads(self, model: nn.Module) -> Callable[[list[torch.Tensor]], None] | None:
+        """Averages gradients over ranks before a step, where the wrapper does not."""
+        return None
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The user's module inside whatever :meth:`_wrap_model` put around it."""
         return getattr(model, "module", model)
@@ -411,10 +415,16 @@ class Strategy(ABC):
         """One optimizer wrapper, or an :class:`OptimWrapperDict` for named optimizers."""
         module = self.unwrap(model)
         no_sync = self._no_sync(model)
+        sync_grads = self._sync_grads(model)
         device_type = self.root_device.type
         if isinstance(optim, OptimSpec):
             return build_optim_wrapper(
-                optim.factory, module, optim.settings, device_type=device_type, no_sync=no_sync
+                optim.factory,
+                module,
+                optim.settings,
+                device_type=device_type,
+                no_sync=no_sync,
+                sync_grads=sync_grads,
             )
         if not optim:
             raise ValueError("optim.optimizers is empty; name at least one optimizer.")
@@ -430,6 +440,7 @@ class Strategy(ABC):
             {name: spec.settings for name, spec in optim.items()},
             device_type=device_type,
             no_sync=no_sync,
+            sync_grads=sync_grads,
         )
 
     def _scale_lr(
@@ -652,7 +663,7 @@ class Strategy(ABC):
         """
         if self.sharded_checkpoints:
             self.logger.warning(
-                "trainer.async_checkpoint applies to single-file checkpoints; %s saves its "
+                "checkpoint.async_save applies to single-file checkpoints; %s saves its "
                 "sharded checkpoints synchronously.",
                 type(self).__name__,
             )

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from xp.strategy.distributed import DistributedStrategy
@@ -48,9 +51,40 @@ class DDPStrategy(DistributedStrategy):
     def _wrap_model(self, model: nn.Module) -> nn.Module:
         if self._sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if callable(getattr(model, "train_step", None)):
+            # A model that steps its optimizers itself (a GAN: several forwards and backwards
+            # per batch, each over part of the model) is more than one DDP forward can
+            # follow. mmengine wraps each part in a DDP of its own; here the replicas start
+            # equal and each optimizer wrapper averages its gradients before it steps, which
+            # holds for any train_step (at the price of no overlap with backward).
+            self._broadcast_module(model)
+            return model
         device_ids = [self.root_device] if self.root_device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, **self._ddp_kwargs)
 
+    def _broadcast_module(self, model: nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank."""
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
     def _no_sync(self, model: nn.Module) -> Callable[[], Any] | None:
-        assert isinstance(model, DistributedDataParallel)
-        return model.no_sync
+        return model.no_sync if isinstance(model, DistributedDataParallel) else None
+
+    def _sync_grads(self, model: nn.Module) -> Callable[[list[torch.Tensor]], None] | None:
+        return None if isinstance(model, DistributedDataParallel) else self._average_grads
+
+    def _average_grads(self, params: list[torch.Tensor]) -> None:
+        """One all-reduce of the flattened gradients of ``params``, divided by world size."""
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat.div_(self.world_size)
+        for param, synced in zip(params, _unflatten_dense_tensors(flat, grads), strict=True):
+            if param.grad is None:
+                param.grad = synced
+            else:
+                param.grad.copy_(synced)

@@ -133,20 +133,37 @@ class FSDPStrategy(DistributedStrategy):
             )
         if self._cpu_offload:
             options["offload_policy"] = CPUOffloadPolicy()
+        own_step = callable(getattr(model, "train_step", None))
+        if own_step:
+            # Its train_step calls the parts (a GAN's generator, discriminator) directly, never
+            # the root's forward, whose hooks would gather the root's parameters: shard each
+            # part as a root of its own instead (mmengine wraps each part separately too).
+            direct = [name for name, _ in model.named_parameters(recurse=False)]
+            if direct:
+                raise ValueError(
+                    f"strategy=fsdp with {type(model).__qualname__}.train_step needs every "
+                    f"parameter inside a submodule, but {direct[:3]} sit on the model itself; "
+                    "move them into a submodule, or use strategy=ddp."
+                )
+            parts = [child for child in model.children() if any(True for _ in child.parameters())]
+            to_shard = [m for m in to_shard if m is not model] + parts
         # Children before parents: a parameter belongs to the innermost sharded module.
         for module in to_shard:
             if module is not model:
                 fully_shard(module, **options)
-        fully_shard(model, **options)
+        if not own_step:
+            fully_shard(model, **options)
         self.logger.info(
-            "FSDP: sharded %d module(s) and the root over %d rank(s).",
+            "FSDP: sharded %d module(s)%s over %d rank(s).",
             len([m for m in to_shard if m is not model]),
+            "" if own_step else " and the root",
             self.world_size,
         )
         return model
 
     def _no_sync(self, model: nn.Module) -> Callable[[], Any] | None:
-        assert isinstance(model, FSDPModule)
+        if not isinstance(model, FSDPModule):
+            return None  # a model with its own train_step: its parts sync every backward
         skipping = False
         syncing = True
 
