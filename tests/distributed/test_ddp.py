@@ -113,7 +113,7 @@ def test_two_ranks_follow_one_process_with_twice_the_batch(workdir: Path, store)
         return [(m.step, m.value) for m in store.get_metric_history(run.info.run_id, key)]
 
     two, one = history("two", "train/loss"), history("one", "train/loss")
-    assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, 45))
+    assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, 39))  # 19 steps an epoch
     for (step, a), (_, b) in zip(two, one, strict=True):
         assert a == pytest.approx(b, abs=2e-5), f"step {step}"
     assert history("two", "val/acc") == history("one", "val/acc")

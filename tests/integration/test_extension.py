@@ -158,6 +158,10 @@ def test_test_evaluates_the_best_checkpoint_onto_the_same_run(
     latest = xp("--config-dir", "userconf", f"test={log_dir}", "test_checkpoint=latest")
     assert latest.returncode == 0, latest.stderr[-3000:]
     assert "step_00000064.pt" in latest.stdout
+    named = log_dir / "checkpoints" / "step_00000064.pt"
+    exact = xp("--config-dir", "userconf", f"test={named}")  # a checkpoint is tested as named
+    assert exact.returncode == 0, exact.stderr[-3000:]
+    assert f"xp: tested {named}" in exact.stdout
 
 
 def test_test_on_data_without_a_test_split_says_so(xp, workdir: Path, store) -> None:
