@@ -13,7 +13,7 @@ directory holding an empty MLflow store (as a user's second run finds it):
 
 The note also checks that ``python -m xp --cfg job`` imports neither torch nor mlflow
 and, outside ``--quick``, lists the slowest imports of one more run of each (``python -X
-importtime``; imports in MLflow's background thread included).
+importtime``; the tracker's MLflow writer is a process of its own, not in that log).
 """
 
 from __future__ import annotations

@@ -79,10 +79,14 @@ def main() -> None:
     clock = _Clock(tracker, args.warmup, args.steps)
     trainer = build_trainer(built)
     trainer.tracker = clock
+    # The CPU time of this process's other threads from start() to the end of close(): the
+    # tracker's sender and receiver, all they ever did (what they could take via the GIL).
+    before = time.process_time() - time.thread_time()
     tracker.start()
     tracker.wait_ready()
     trainer.fit()
     tracker.close("FINISHED")
+    tracker_threads_s = time.process_time() - time.thread_time() - before
     strategy.teardown()
     (wall0, cpu0), (wall1, cpu1) = clock.marks[args.warmup], clock.marks[args.steps]
     steps = args.steps - args.warmup
@@ -91,6 +95,7 @@ def main() -> None:
             {
                 "step_s": (wall1 - wall0) / steps,
                 "cpu_step_s": (cpu1 - cpu0) / steps,
+                "tracker_threads_cpu_s_per_scalar": tracker_threads_s / max(1, clock.scalars),
                 "log_call_s_per_scalar": clock.call_s / max(1, clock.scalars),
                 "scalars_per_step": clock.scalars / args.steps,
                 "minflt": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,

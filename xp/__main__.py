@@ -236,6 +236,26 @@ def _resume_arguments(args: list[str]) -> list[str]:
     ]
 
 
+def _skip_mode_compose(args: list[str]) -> None:
+    """Spare Hydra a whole compose of the config made only to read ``hydra.mode``.
+
+    Before a run, Hydra 1.2+ composes the config once just to learn whether
+    ``hydra.mode`` asks for a multirun, then composes it again for the run: 0.2-0.3 s of
+    every start (benchmarks/, start-up case). xp's config never sets ``hydra.mode``, so
+    ``-m`` decides, as in Hydra 1.1; where the command sets it, Hydra asks as usual.
+    """
+    if any("hydra.mode" in a for a in args):
+        return
+    from hydra._internal.hydra import Hydra
+
+    if getattr(Hydra.get_mode, "__name__", "") == "get_mode":
+        Hydra.get_mode = _no_mode  # type: ignore[method-assign]
+
+
+def _no_mode(self: Any, config_name: str | None, overrides: list[str]) -> None:
+    return None  # _run_app then takes RUN, or MULTIRUN for -m
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``xp`` command; returns its exit status."""
     args = _strip_legacy_local_rank(list(sys.argv[1:] if argv is None else argv))
@@ -268,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         # Rank 0 writes the run directory's .hydra/; the others only compose.
         args.append("hydra.output_subdir=null")
     sys.argv = [sys.argv[0], *args]
+    _skip_mode_compose(args)
     task()  # the objective it returns is for Hydra's sweepers, not the exit status
     from xp.sweep import exit_status
 

@@ -1,37 +1,40 @@
-"""MLflow tracking that stays off the training's critical path.
+"""MLflow tracking that stays off the training's critical path, and out of its process.
 
-The training thread only appends to in-memory queues. A daemon thread imports mlflow
-(about a second, so never at import time here), creates or re-opens the run, and every
-``tracking.flush_interval_s`` writes what was queued: metrics in batches, then tags and
-artifacts in the order they were asked for. A store that stops answering mid-run costs
-nothing but a warning: the data stays queued and is retried on later flushes, and
-``close()`` reports what could not be written in the end.
+The training thread only appends to in-memory queues. A writer process of the tracker's
+own (:mod:`xp._tracking_worker`, a fresh interpreter that never imports torch) imports
+mlflow (about a second), creates or re-opens the run, and writes what it is handed:
+every ``tracking.flush_interval_s`` a small sender thread here converts the queued
+metrics to plain numbers and hands them over through a pipe, with tags and artifacts in
+the order they were asked for. MLflow's Python work (~160 us per metric point into
+SQLite) thus never holds the training process's GIL. A store that stops answering
+mid-run costs nothing but a warning: the writer keeps the data and retries, and
+``close()`` reports what could not be written in the end. If the training process dies,
+the writer writes what it was handed, leaves the run RUNNING (so it can be resumed) and
+exits.
 
-This module imports neither torch nor mlflow at import time (``xp.config`` only for
-type checking, which keeps omegaconf out too).
+This module imports neither torch nor mlflow (``xp.config`` only for type checking, which
+keeps omegaconf out too); the writer process is the only one that imports mlflow.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import enum
 import logging
 import os
 import posixpath
 import re
+import subprocess
+import sys
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, SupportsFloat
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
+    from multiprocessing.connection import Connection
 
     from xp.config import TrackingConfig
 
@@ -53,29 +56,24 @@ MAX_METRICS_PER_BATCH = 1000
 
 ERROR_TAG = "xp.error"
 CHECKPOINT_LOCATION_TAG = "xp.checkpoint_location"
-_ERROR_TAG_CHARS = 5000
 _TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 _HEALTH_TIMEOUT_S = 5.0
-# How long close() keeps retrying writes that fail, counted from the close() call.
-_FINAL_RETRY_S = 5.0
 _RETRY_PAUSE_S = 0.5
-# close() stops waiting for a background thread that made no progress for this long (a
-# server that accepts connections but never answers); long, because one upload of a
+# close() stops waiting for a writer that made no progress for this long (a server that
+# accepts connections but never answers), and kills it; long, because one upload of a
 # large checkpoint makes no visible progress either.
 _CLOSE_STALL_S = 300.0
 _CLOSE_NOTICE_S = 30.0
+# A pipe message holds at most this many metric points, so no pickle grows without bound.
+_POINTS_PER_MESSAGE = 20_000
 # xp retries a failed write itself on every flush, so MLflow's own per-request backoff
 # (7 retries, about 4 minutes) would only delay the warning and close(). Applied with
-# setdefault for http(s) stores: a value the user exported wins.
+# setdefault for http(s) stores, in the writer's environment: a value the user exported wins.
 _HTTP_RETRY_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
-# MLflow error codes that the same request will meet again: dropping beats retrying.
-_PERMANENT_ERROR_CODES = frozenset(
-    {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST"}
-)
 
 # MLflow's rule for metric, param and tag keys on POSIX (validate_param_and_metric_name).
 _KEY_CHARS = re.compile(r"^[/\w.\- :]*$")
@@ -194,19 +192,20 @@ def _shorten(text: str, limit: int) -> str:
 
 @dataclass
 class _Op:
-    """A queued write other than metrics, applied in order by the background thread."""
+    """A queued write other than metrics, carried out in order by the writer process."""
 
     what: str
     """Names the write in messages, e.g. "artifact /path/model.pt"."""
-    apply: Callable[[MlflowClient, str], None]
+    request: tuple[Any, ...]
+    """Plain values that say what to write (``xp._tracking_worker._apply`` reads them)."""
 
 
 class MlflowTracker:
-    """Records one MLflow run from a background thread.
+    """Records one MLflow run through a writer process of its own.
 
     Every method but ``start()`` may be called before the run exists: writes queue up
     and ``run_id`` waits for it. Values handed to ``log_metrics`` are read later, in
-    the background: pass tensors that are not modified in place afterwards
+    a background thread: pass tensors that are not modified in place afterwards
     (``loss.detach()`` is fine, an accumulator updated with ``+=`` is not).
 
     Args:
@@ -220,7 +219,7 @@ class MlflowTracker:
         artifact_location: Where a new experiment keeps artifacts, e.g. from
             :func:`default_artifact_location`; ignored for an existing experiment.
         run_id: Re-open this run (status back to RUNNING) instead of creating one.
-        logger: Where warnings go; defaults to ``xp.tracking``.
+        logger: Where warnings go, the writer's included; defaults to ``xp.tracking``.
     """
 
     def __init__(
@@ -248,12 +247,16 @@ class MlflowTracker:
         self._reopen_id = run_id
         self._log = logger or logging.getLogger(__name__)
 
-        # Filled by the training thread, drained by the background thread. deque's
-        # append and popleft are atomic, so neither side takes a lock.
+        # Filled by the training thread, drained by the sender thread. deque's append and
+        # popleft are atomic, so neither side takes a lock.
         self._metrics: collections.deque[tuple[int, int, dict[str, Any]]] = collections.deque()
         self._ops: collections.deque[_Op] = collections.deque()
 
-        self._thread: threading.Thread | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._to_writer: Connection | None = None
+        self._from_writer: Connection | None = None
+        self._sender: threading.Thread | None = None
+        self._receiver: threading.Thread | None = None
         self._ready = threading.Event()
         self._wake = threading.Event()
         self._closing = threading.Event()
@@ -265,42 +268,54 @@ class MlflowTracker:
         self._failure_surfaced = False
         self._warned_after_close = False
 
-        # Owned by the background thread.
-        self._unsent: list[Any] = []  # mlflow.entities.Metric, converted, not yet written
+        # Owned by the sender thread.
         self._known_keys: set[str] = set()
-        self._logged_until: dict[str, int] = {}
-        self._converted_through = -1
+        self._bad_keys: set[str] = set()
+        self._handed_through = -1
+        self._sent_points = 0
+        self._sent_ops = 0
+        self._dropped_points = 0  # refused here (bad key or value), or the writer was gone
+        self._dropped_ops = 0
+        self._writer_gone = False
+
+        # Owned by the receiver thread: what the writer process says.
         self.written_through_step = -1
         """Every metric point up to this step is in the store (read by the training thread)."""
-        self._bad_keys: set[str] = set()
-        self._store_down = False
-        self._last_error: BaseException | None = None
-        self._lost_points = 0
-        self._lost_ops = 0
+        self._done_points = 0
+        self._written_ops = 0
+        self._terminated = False
+        self._last_error: str | None = None
         self._last_progress = time.monotonic()
-        self._monitor: Any = None
         self._report: tuple[int, int] | None = None  # (metric points, other writes) unwritten
 
     # ------------------------------------------------------------------- public
 
     def start(self) -> None:
-        """Start the background thread and return at once.
+        """Start the writer process and return at once (it opens the run meanwhile).
 
         For an http(s) store, first checks that the server answers, so a wrong URI
         fails before anything trains.
 
         Raises:
-            TrackingError: the MLflow server does not answer.
+            TrackingError: the MLflow server does not answer, or no writer process starts.
             RuntimeError: ``start()`` was already called.
         """
-        if self._thread is not None:
+        if self._process is not None:
             raise RuntimeError("MlflowTracker.start() was already called; call it once per run.")
+        env = dict(os.environ)
         if _is_http(self.tracking_uri):
             _check_server(self.tracking_uri)
             for name, value in _HTTP_RETRY_ENV.items():
-                os.environ.setdefault(name, value)
-        self._thread = threading.Thread(target=self._work, name="xp-mlflow-tracker", daemon=True)
-        self._thread.start()
+                env.setdefault(name, value)
+        self._launch(env)
+        self._sender = threading.Thread(
+            target=self._send_loop, name="xp-mlflow-sender", daemon=True
+        )
+        self._receiver = threading.Thread(
+            target=self._receive_loop, name="xp-mlflow-receiver", daemon=True
+        )
+        self._sender.start()
+        self._receiver.start()
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the run exists.
@@ -309,7 +324,7 @@ class MlflowTracker:
             TrackingError: the run could not be created or re-opened, or it was not
                 ready within ``timeout`` seconds.
         """
-        if self._thread is None:
+        if self._process is None:
             raise RuntimeError("MlflowTracker.wait_ready() needs start() first.")
         if not self._ready.wait(timeout):
             raise TrackingError(
@@ -333,7 +348,7 @@ class MlflowTracker:
         return self._count_unwritten()[0]
 
     def log_metrics(self, metrics: Mapping[str, SupportsFloat], step: int) -> None:
-        """Queue metric values for ``step``; costs a few microseconds.
+        """Queue metric values for ``step``; costs a microsecond.
 
         Values may be Python numbers or 0-dim tensors; they are converted in the
         background, so a GPU sync never stalls training. Keys like ``train/loss`` are
@@ -357,27 +372,20 @@ class MlflowTracker:
             TrackingError: the run could not be created.
         """
         from_caller = {str(k): _shorten(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
-
-        def apply(client: MlflowClient, run_id: str) -> None:
-            _log_tags(client, run_id, from_caller)
-
-        self._enqueue(_Op(f"tags {sorted(from_caller)}", apply), "set_tags")
+        self._enqueue(_Op(f"tags {sorted(from_caller)}", ("tags", from_caller)), "set_tags")
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Queue a file (or a directory, under its own name) for upload.
 
-        The file is read later, in the background: leave it in place until ``close()``.
+        The file is read later, by the writer process: leave it in place until ``close()``.
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
             TrackingError: the run could not be created.
         """
         local = _existing(path, "log_artifact")
-
-        def apply(client: MlflowClient, run_id: str) -> None:
-            client.log_artifact(run_id, str(local), artifact_path)
-
-        self._enqueue(_Op(f"artifact {local}", apply), "log_artifact")
+        request = ("artifact", str(local), artifact_path)
+        self._enqueue(_Op(f"artifact {local}", request), "log_artifact")
 
     def log_artifacts(self, directory: Path, artifact_path: str | None = None) -> None:
         """Queue the contents of ``directory`` for upload under ``artifact_path``.
@@ -392,11 +400,8 @@ class MlflowTracker:
                 f"log_artifacts got {local}, which is a file; "
                 "HINT: use log_artifact for a single file."
             )
-
-        def apply(client: MlflowClient, run_id: str) -> None:
-            client.log_artifacts(run_id, str(local), artifact_path)
-
-        self._enqueue(_Op(f"artifacts {local}", apply), "log_artifacts")
+        request = ("artifacts", str(local), artifact_path)
+        self._enqueue(_Op(f"artifacts {local}", request), "log_artifacts")
 
     def log_checkpoint(self, path: Path) -> None:
         """Queue a checkpoint file or directory for the run's ``checkpoints/`` artifacts.
@@ -410,31 +415,16 @@ class MlflowTracker:
             TrackingError: the run could not be created.
         """
         local = _existing(path, "log_checkpoint")
-        max_mb = self.settings.checkpoint_artifact_max_mb
-
-        def apply(client: MlflowClient, run_id: str) -> None:
-            size_mb = _size_bytes(local) / 2**20
-            if size_mb <= max_mb:
-                client.log_artifact(run_id, str(local), "checkpoints")
-                return
-            _log_tags(client, run_id, {CHECKPOINT_LOCATION_TAG: str(local)})
-            self._log.info(
-                "Checkpoint %s (%.1f MB) is over tracking.checkpoint_artifact_max_mb=%g, so "
-                "its location is recorded as tag %s instead of uploading it.",
-                local,
-                size_mb,
-                max_mb,
-                CHECKPOINT_LOCATION_TAG,
-            )
-
-        self._enqueue(_Op(f"checkpoint {local}", apply), "log_checkpoint")
+        request = ("checkpoint", str(local), float(self.settings.checkpoint_artifact_max_mb))
+        self._enqueue(_Op(f"checkpoint {local}", request), "log_checkpoint")
 
     def close(self, status: str = "FINISHED", error: str | None = None) -> None:
         """Write everything queued, record ``error``, end the run with ``status``.
 
-        Idempotent; before ``start()`` it only marks the tracker closed. Writes that
-        fail are retried for a few seconds; what still could not be written is reported
-        as a warning (and in :attr:`unwritten_metrics`), never raised.
+        Waits for the writer process to finish and exit. Idempotent; before ``start()``
+        it only marks the tracker closed. Writes that fail are retried for a few
+        seconds; what still could not be written is reported as a warning (and in
+        :attr:`unwritten_metrics`), never raised.
 
         Args:
             status: FINISHED, FAILED or KILLED.
@@ -453,19 +443,20 @@ class MlflowTracker:
         if self._closed:
             return
         self._closed = True
-        thread = self._thread
-        if thread is None:
+        process, receiver, sender = self._process, self._receiver, self._sender
+        if process is None or receiver is None or sender is None:
             return
         if error is not None:
-            self._ops.append(_Op("error tag", _error_tag_writer(error)))
-            self._ops.append(_Op("error.txt", _error_text_writer(error)))
+            self._ops.append(_Op("error tag", ("error", error)))
+            self._ops.append(_Op("error.txt", ("error_text", error)))
         self._final_status = status
         self._last_progress = time.monotonic()
         self._closing.set()
         self._wake.set()
         noticed = False
-        while thread.is_alive():
-            thread.join(_RETRY_PAUSE_S)
+        # The receiver ends when the writer closes its pipe, i.e. when it exits.
+        while receiver.is_alive():
+            receiver.join(_RETRY_PAUSE_S)
             idle_s = time.monotonic() - self._last_progress
             if idle_s > _CLOSE_NOTICE_S and not noticed:
                 noticed = True
@@ -477,14 +468,19 @@ class MlflowTracker:
                     _CLOSE_STALL_S,
                     self._run_id,
                 )
+                process.kill()
                 break
+        code = process.wait()
+        receiver.join()
+        sender.join()
         if self._failure is not None:
             if not self._failure_surfaced:
                 self._raise_if_failed()
             return
-        if self._report is None:  # the thread is stuck: count from here
-            self._report = self._count_unwritten()
-            self._report_unwritten(terminated=False)
+        if code != 0 and self._last_error is None:
+            self._last_error = f"the MLflow writer process exited with code {code}"
+        self._report = self._count_unwritten()
+        self._report_unwritten()
 
     # ------------------------------------------------------------------- training side
 
@@ -511,223 +507,145 @@ class MlflowTracker:
             )
 
     def _count_unwritten(self) -> tuple[int, int]:
-        # list() copies the deques in one step under the GIL, safe beside the worker.
+        # list() copies the deques in one step under the GIL, safe beside the sender.
         queued = sum(len(metrics) for _, _, metrics in list(self._metrics))
-        return queued + len(self._unsent) + self._lost_points, len(self._ops) + self._lost_ops
+        points = queued + self._dropped_points + self._sent_points - self._done_points
+        others = len(self._ops) + self._dropped_ops + self._sent_ops - self._written_ops
+        return points, others
+
+    def _report_unwritten(self) -> None:
+        assert self._report is not None
+        points, others = self._report
+        if not points and not others and self._terminated:
+            return
+        cause = f" (last error: {self._last_error})" if self._last_error else ""
+        status = (
+            ""
+            if self._terminated
+            else f"; the run still shows RUNNING there, not {self._final_status}"
+        )
+        self._log.warning(
+            "MLflow run %s in %s: %d metric points and %d tag/artifact writes could not be "
+            "written%s%s.",
+            self._run_id,
+            self.tracking_uri,
+            points,
+            others,
+            cause,
+            status,
+        )
 
     # ------------------------------------------------------------------- background side
 
-    def _work(self) -> None:
+    def _launch(self, env: dict[str, str]) -> None:
+        """Start the writer: a fresh interpreter (never a fork of this torch-loaded process)."""
+        from multiprocessing import Pipe
+
+        writer_reads, to_writer = Pipe(duplex=False)
+        from_writer, writer_writes = Pipe(duplex=False)
+        fds = (writer_reads.fileno(), writer_writes.fileno())
+        # The writer finds this very xp, installed or not.
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        command = [sys.executable, "-m", "xp._tracking_worker", *map(str, fds), str(os.getpid())]
         try:
-            client = self._open_run()
-        except Exception as exc:
-            self._failure = exc
-            self._failure_message = self._describe_failure(exc)
-            self._ready.set()
-            return
-        self._ready.set()
+            # A session of its own: a Ctrl-C or a SIGTERM to the job's process group stops
+            # training, whose close() then ends the run; the writer leaves when its pipe
+            # closes (this process exited, however it died), after writing what it has.
+            self._process = subprocess.Popen(
+                command, pass_fds=fds, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            )
+        except OSError as exc:
+            to_writer.close()
+            from_writer.close()
+            raise TrackingError(
+                f"The MLflow writer process could not start ({exc}); HINT: set "
+                "tracking.enabled=false to train without MLflow."
+            ) from exc
+        finally:
+            writer_reads.close()
+            writer_writes.close()
+        self._to_writer, self._from_writer = to_writer, from_writer
+
+    def _setup(self) -> dict[str, Any]:
+        return {
+            "tracking_uri": self.tracking_uri,
+            "experiment_name": self.experiment_name,
+            "run_name": self.run_name,
+            "tags": self._tags,
+            "params": self._params,
+            "artifact_location": self._artifact_location,
+            "run_id": self._reopen_id,
+            "system_metrics": bool(self.settings.system_metrics),
+            "flush_interval_s": float(self.settings.flush_interval_s),
+        }
+
+    def _send(self, message: tuple[Any, ...]) -> bool:
+        if self._writer_gone:
+            return False
+        assert self._to_writer is not None
         try:
-            while not self._closing.is_set():
-                self._flush_once(client)
+            self._to_writer.send(message)
+        except OSError:  # the writer exited (it failed, or it was killed)
+            self._writer_gone = True
+            return False
+        return True
+
+    def _send_loop(self) -> None:
+        try:
+            self._send(("setup", self._setup()))
+            while True:
+                closing = self._closing.is_set()
+                self._hand_over()
+                if closing:
+                    self._send(("close", self._final_status))
+                    return
                 self._wake.wait(self.settings.flush_interval_s)
                 self._wake.clear()
-            # Everything queued before close() set the flag is in the queues now.
-            drained = self._flush_until(time.monotonic() + _FINAL_RETRY_S, client)
-            self._terminate(client, drained)
         except Exception:
-            self._log.exception("The MLflow tracking thread failed; run %s", self._run_id)
-            self._report = self._count_unwritten()
+            self._log.exception("The MLflow sender thread failed; run %s", self._run_id)
+        finally:
+            assert self._to_writer is not None
+            self._to_writer.close()  # the writer's signal that no more will come
 
-    def _open_run(self) -> MlflowClient:
-        from mlflow import MlflowClient
-        from mlflow.entities import Param
-
-        _create_sqlite_store_atomically(self.tracking_uri)
-        client = MlflowClient(self.tracking_uri)
-        if self._reopen_id is not None:
-            run = client.get_run(self._reopen_id)
-            if run.info.lifecycle_stage == "deleted":
-                raise TrackingError(
-                    f"run_id={self._reopen_id!r} is deleted in {self.tracking_uri}; HINT: "
-                    f"restore it with `mlflow runs restore --run-id {self._reopen_id}`, "
-                    "or start a new run."
-                )
-            run_id = run.info.run_id
-            client.update_run(run_id, status="RUNNING")
-            _log_tags(client, run_id, self._tags)
-            params = self._params_missing_from(run.data.params)
-            # A resumed run recomputes the steps after its checkpoint; those already in
-            # the store are not written twice, so each metric's history stays continuous.
-            self._logged_until = {
-                key: max(m.step for m in client.get_metric_history(run_id, key))
-                for key in run.data.metrics
-            }
-        else:
-            experiment_id = self._experiment_id(client)
-            run = client.create_run(experiment_id, run_name=self.run_name, tags=self._tags)
-            run_id = run.info.run_id
-            params = self._params
-        try:
-            items = [Param(key, value) for key, value in params.items()]
-            for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-                chunk = items[start : start + MAX_PARAMS_TAGS_PER_BATCH]
-                client.log_batch(run_id, params=chunk)
-        except Exception:
-            if self._reopen_id is None:
-                _try(lambda: client.set_terminated(run_id, "FAILED"))
-            raise
-        self._run_id = run_id
-        if self.settings.system_metrics:
-            self._start_monitor(run_id)
-        return client
-
-    def _experiment_id(self, client: MlflowClient) -> str:
-        from mlflow.exceptions import MlflowException
-
-        experiment = client.get_experiment_by_name(self.experiment_name)
-        if experiment is None:
-            try:
-                return client.create_experiment(
-                    self.experiment_name, artifact_location=self._artifact_location
-                )
-            except MlflowException as exc:
-                # Another process of a multirun created it first.
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                experiment = client.get_experiment_by_name(self.experiment_name)
-                if experiment is None:
-                    raise
-        if experiment.lifecycle_stage == "deleted":
-            raise TrackingError(
-                f"experiment_name={self.experiment_name!r} names a deleted experiment in "
-                f"{self.tracking_uri}; HINT: restore it with `mlflow experiments restore "
-                f"--experiment-id {experiment.experiment_id}`, or pick another experiment_name."
-            )
-        return str(experiment.experiment_id)
-
-    def _params_missing_from(self, existing: Mapping[str, str]) -> dict[str, str]:
-        changed = sorted(k for k, v in self._params.items() if k in existing and existing[k] != v)
-        if changed:
-            shown = ", ".join(f"{k}: {existing[k]!r} -> {self._params[k]!r}" for k in changed[:5])
-            more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
-            self._log.warning(
-                "Run %s keeps its logged params; MLflow cannot change them, so these new "
-                "values are not recorded: %s%s.",
-                self._reopen_id,
-                shown,
-                more,
-            )
-        return {k: v for k, v in self._params.items() if k not in existing}
-
-    def _start_monitor(self, run_id: str) -> None:
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            monitor = SystemMetricsMonitor(
-                run_id,
-                resume_logging=self._reopen_id is not None,
-                tracking_uri=self.tracking_uri,
-            )
-            monitor.start()
-        except Exception as exc:
-            self._log.warning(
-                "tracking.system_metrics=true is ignored: MLflow's system metrics monitor "
-                "did not start (%s). HINT: it needs psutil (and pynvml for GPUs).",
-                exc,
-            )
-            return
-        self._monitor = monitor
-
-    def _flush_until(self, deadline: float, client: MlflowClient) -> bool:
-        while True:
-            if self._flush_once(client):
-                return True
-            if time.monotonic() + _RETRY_PAUSE_S >= deadline:
-                return False
-            time.sleep(_RETRY_PAUSE_S)
-
-    def _flush_once(self, client: MlflowClient) -> bool:
-        """Write what is queued; True when nothing is left (False: the store is down)."""
-        run_id = self._run_id
-        assert run_id is not None
-        self._convert_metrics()
-        while self._unsent:
-            chunk = self._unsent[:MAX_METRICS_PER_BATCH]
-            outcome = self._attempt("metrics", client.log_batch, run_id, metrics=chunk)
-            if outcome is None:
-                return False
-            if outcome is False:
-                self._lost_points += len(chunk)
-            del self._unsent[: len(chunk)]
-        self.written_through_step = self._converted_through
-        while self._ops:
-            op = self._ops[0]
-            outcome = self._attempt(op.what, op.apply, client, run_id)
-            if outcome is None:
-                return False
-            if outcome is False:
-                self._lost_ops += 1
-            self._ops.popleft()
-        return True
-
-    def _attempt(
-        self, what: str, write: Callable[..., Any], *args: Any, **kwargs: Any
-    ) -> bool | None:
-        """Run one write: True when done, False when it can never succeed, None to retry."""
-        try:
-            write(*args, **kwargs)
-        except Exception as exc:
-            self._last_error = exc
-            if _is_permanent(exc):
-                self._log.error(
-                    "MLflow run %s refused %s, which is dropped: %s", self._run_id, what, exc
-                )
-                return False
-            if not self._store_down:
-                self._store_down = True
-                self._log.warning(
-                    "MLflow store %s did not take %s (%s); xp keeps everything queued and "
-                    "retries every %g s.",
-                    self.tracking_uri,
-                    what,
-                    _first_line(exc),
-                    self.settings.flush_interval_s,
-                )
-            return None
-        self._last_progress = time.monotonic()
-        if self._store_down:
-            self._store_down = False
-            self._log.info("MLflow store %s takes writes again.", self.tracking_uri)
-        return True
-
-    def _convert_metrics(self) -> None:
-        from mlflow.entities import Metric
-
+    def _hand_over(self) -> None:
+        """Convert what is queued to plain numbers and send it to the writer."""
+        points: list[tuple[str, float, int, int]] = []
+        through = self._handed_through
         pending = self._metrics
         while pending:
             timestamp, step, metrics = pending.popleft()
-            self._converted_through = max(self._converted_through, int(step))
+            step = int(step)
+            through = max(through, step)
             for key, value in metrics.items():
-                if step <= self._logged_until.get(key, -1):
-                    continue
                 if key not in self._known_keys and not self._accept_key(key):
-                    self._lost_points += 1
+                    self._dropped_points += 1
                     continue
                 try:
                     number = float(value.item() if hasattr(value, "item") else value)
                 except Exception as exc:  # any object can arrive here; none may stop the thread
-                    self._lost_points += 1
-                    if key not in self._bad_keys:
-                        self._bad_keys.add(key)
-                        self._log.warning(
-                            "Metric %r got a %s that cannot be read as a number (%s); such "
-                            "values are dropped. HINT: log a float or a 0-dim tensor.",
-                            key,
-                            type(value).__name__,
-                            _first_line(exc),
-                        )
+                    self._dropped_points += 1
+                    self._warn_bad_value(key, value, exc)
                     continue
-                self._unsent.append(Metric(key, number, timestamp, int(step)))
+                points.append((key, number, timestamp, step))
+            if len(points) >= _POINTS_PER_MESSAGE:
+                self._send_points(points, through)
+                points = []
+        if points or through > self._handed_through:
+            self._send_points(points, through)
+        while self._ops:
+            op = self._ops.popleft()
+            if self._send(("op", op.what, op.request)):
+                self._sent_ops += 1
+            else:
+                self._dropped_ops += 1
+
+    def _send_points(self, points: list[tuple[str, float, int, int]], through: int) -> None:
+        if self._send(("metrics", points, through)):
+            self._sent_points += len(points)
+            self._handed_through = through
+        else:
+            self._dropped_points += len(points)
 
     def _accept_key(self, key: str) -> bool:
         if _valid_key(key):
@@ -744,86 +662,70 @@ class MlflowTracker:
             )
         return False
 
-    def _terminate(self, client: MlflowClient, drained: bool) -> None:
-        if self._monitor is not None:
-            # Its last samples go through its own client; a dead store fails them fast.
-            _try(self._monitor.finish)
-        terminated = False
-        if drained:  # else the store is down: a status write would only fail slowly
-            terminated = bool(
-                self._attempt(
-                    f"status {self._final_status}",
-                    client.set_terminated,
-                    self._run_id,
-                    self._final_status,
+    def _warn_bad_value(self, key: str, value: object, exc: Exception) -> None:
+        if key not in self._bad_keys:
+            self._bad_keys.add(key)
+            self._log.warning(
+                "Metric %r got a %s that cannot be read as a number (%s); such "
+                "values are dropped. HINT: log a float or a 0-dim tensor.",
+                key,
+                type(value).__name__,
+                _first_line(exc),
+            )
+
+    def _receive_loop(self) -> None:
+        assert self._from_writer is not None
+        try:
+            while True:
+                message = self._from_writer.recv()
+                kind = message[0]
+                if kind == "progress":
+                    self._done_points, self.written_through_step, self._written_ops = message[1:]
+                    self._last_progress = time.monotonic()
+                elif kind == "log":
+                    self._log.log(message[1], "%s", message[2])
+                elif kind == "ready":
+                    self._run_id = message[1]
+                    self._ready.set()
+                elif kind == "failed":
+                    self._fail(message[1], message[2])
+                elif kind == "report":
+                    self._terminated, error = message[1], message[2]
+                    self._last_error = error or self._last_error
+        except (EOFError, OSError):
+            pass  # the writer exited
+        except Exception:
+            self._log.exception("The MLflow receiver thread failed; run %s", self._run_id)
+        finally:
+            self._from_writer.close()
+            self._writer_gone = True
+            if not self._ready.is_set():
+                self._fail(
+                    f"The MLflow writer process for {self.tracking_uri} exited (code "
+                    f"{self._exit_code()}) before the run was created; its own error, if any, "
+                    "is printed above. HINT: check that mlflow is installed in "
+                    f"{sys.executable}, or set tracking.enabled=false.",
+                    "",
                 )
-            )
-        self._report = self._count_unwritten()
-        self._report_unwritten(terminated=terminated)
 
-    def _report_unwritten(self, *, terminated: bool) -> None:
-        assert self._report is not None
-        points, others = self._report
-        if not points and not others and terminated:
-            return
-        cause = f" (last error: {_first_line(self._last_error)})" if self._last_error else ""
-        status = (
-            "" if terminated else f"; the run still shows RUNNING there, not {self._final_status}"
-        )
-        self._log.warning(
-            "MLflow run %s in %s: %d metric points and %d tag/artifact writes could not be "
-            "written%s%s.",
-            self._run_id,
-            self.tracking_uri,
-            points,
-            others,
-            cause,
-            status,
-        )
+    def _exit_code(self) -> int | None:
+        assert self._process is not None
+        try:
+            return self._process.wait(timeout=_HEALTH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return None
 
-    def _describe_failure(self, exc: BaseException) -> str:
-        if isinstance(exc, TrackingError):
-            return str(exc)
-        if self._reopen_id is not None:
-            return (
-                f"MLflow run_id={self._reopen_id!r} could not be re-opened in "
-                f"{self.tracking_uri}: {_first_line(exc)}. HINT: check the run id "
-                "(`mlflow runs list --experiment-id ...`) and that the store is the one "
-                "the run was created in."
-            )
-        return (
-            f"The MLflow run for experiment_name={self.experiment_name!r} could not be "
-            f"created in {self.tracking_uri}: {_first_line(exc)}. HINT: check "
-            "tracking.tracking_uri (or $MLFLOW_TRACKING_URI), or unset both to use the "
-            "local SQLite store under outputs/."
-        )
+    def _fail(self, message: str, detail: str) -> None:
+        self._failure = _WriterError(detail.strip() or message)
+        self._failure_message = message
+        self._ready.set()
+
+
+class _WriterError(RuntimeError):
+    """What went wrong in the writer process (its traceback, as text)."""
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _create_sqlite_store_atomically(uri: str) -> None:
-    """Create a new SQLite store under a temporary name, then link it into place.
-
-    MLflow's ~2 s of migrations, cut short by a kill, would leave a store that no later
-    run can open; a store that appears under its final name is always complete.
-    """
-    if not uri.lower().startswith("sqlite:///"):
-        return
-    database = Path(uri[len("sqlite:///") :])
-    if database.exists():
-        return
-    from mlflow import MlflowClient
-
-    database.parent.mkdir(parents=True, exist_ok=True)
-    tmp = database.with_name(f".{database.name}.{os.getpid()}.tmp")
-    try:
-        MlflowClient(f"sqlite:///{tmp.as_posix()}").search_experiments(max_results=1)
-        # Fails if another process created it meanwhile: then theirs is used.
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, database)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _is_http(uri: str) -> bool:
@@ -832,6 +734,10 @@ def _is_http(uri: str) -> bool:
 
 def _check_server(uri: str) -> None:
     """Raise TrackingError unless the MLflow server at ``uri`` answers /health."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
     url = uri.rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(url, timeout=_HEALTH_TIMEOUT_S) as response:
@@ -853,34 +759,6 @@ def _check_server(uri: str) -> None:
     )
 
 
-def _is_permanent(exc: BaseException) -> bool:
-    if isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError):
-        return True  # the local file went away; it will not come back for a retry
-    return getattr(exc, "error_code", None) in _PERMANENT_ERROR_CODES
-
-
-def _log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
-    from mlflow.entities import RunTag
-
-    items = [RunTag(key, value) for key, value in tags.items()]
-    for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, tags=items[start : start + MAX_PARAMS_TAGS_PER_BATCH])
-
-
-def _error_tag_writer(error: str) -> Callable[[MlflowClient, str], None]:
-    def apply(client: MlflowClient, run_id: str) -> None:
-        _log_tags(client, run_id, {ERROR_TAG: error[:_ERROR_TAG_CHARS]})
-
-    return apply
-
-
-def _error_text_writer(error: str) -> Callable[[MlflowClient, str], None]:
-    def apply(client: MlflowClient, run_id: str) -> None:
-        client.log_text(run_id, error, "error.txt")
-
-    return apply
-
-
 def _existing(path: Path, method: str) -> Path:
     local = Path(path).absolute()
     if not local.exists():
@@ -890,20 +768,6 @@ def _existing(path: Path, method: str) -> Path:
     return local
 
 
-def _size_bytes(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
 def _first_line(exc: BaseException | None, limit: int = 300) -> str:
     text = str(exc).strip()
     return _shorten(text.splitlines()[0], limit) if text else type(exc).__name__
-
-
-def _try(action: Callable[[], Any]) -> None:
-    """Best effort for clean-up steps whose failure must not hide the real outcome."""
-    try:
-        action()
-    except Exception:
-        logging.getLogger(__name__).debug("clean-up step failed", exc_info=True)

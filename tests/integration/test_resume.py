@@ -126,6 +126,12 @@ def test_kill_9_at_a_random_moment_then_resume_is_bit_exact(xp, workdir, store, 
     time.sleep(random.uniform(0.0, 1.5))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
+    # The tracker's writer (a process of its own) still writes what it was handed, and may
+    # create the run only now; the resume below waits for it to finish.
+    deadline = time.monotonic() + 30
+    while not store.search_runs([store.get_experiment_by_name("killed").experiment_id]):
+        assert time.monotonic() < deadline, "the killed run never appeared in MLflow"
+        time.sleep(0.1)
     run = the_run(store, "killed")
     assert run.info.status == "RUNNING"  # nobody could mark it
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from xp.config import TrackingConfig
 from xp.tracking import (
@@ -248,34 +249,155 @@ def test_reopened_run_continues(
     assert len(client.search_runs(run.info.experiment_id)) == 1
 
 
-def test_transient_write_failures_are_retried_without_loss(
-    mlflow_uri: str,
-    tmp_path: Path,
-    log: logging.Logger,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+# --------------------------------------------------------------------------- the writer process
+
+
+def writer_pids(parent: int) -> list[int]:
+    """Living processes started by ``parent`` that run xp's MLflow writer."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _alive(int(entry.name)):
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                command = (entry / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue  # it ended meanwhile
+            if ppid == parent and b"xp._tracking_worker" in command:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie: a reparented child waits for an init that may never reap it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+
+
+@needs_proc
+def test_writer_process_runs_without_torch_and_exits_on_close(
+    mlflow_uri: str, tmp_path: Path, log: logging.Logger
 ) -> None:
+    pytest.importorskip("torch")  # loaded here, so the check below means something
     tracker = make_tracker(mlflow_uri, tmp_path, log)
     tracker.start()
-    tracker.wait_ready(timeout=30)
-    failures = iter(range(3))
-    real = MlflowClient.log_batch
-
-    def flaky(self: MlflowClient, *args: object, **kwargs: object) -> object:
-        if next(failures, None) is not None:
-            raise MlflowException("API request failed: connection refused")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
-    for step in range(50):
-        tracker.log_metrics({"train/loss": float(step)}, step=step)
-        time.sleep(0.005)
+    tracker.wait_ready(timeout=60)
+    (writer,) = writer_pids(os.getpid())
+    assert "libtorch" not in Path(f"/proc/{writer}/maps").read_text()
+    tracker.log_metrics({"train/loss": 1.0}, step=0)
     tracker.close()
 
+    assert not _alive(writer)
+    assert writer_pids(os.getpid()) == []
+    assert history(MlflowClient(mlflow_uri), tracker.run_id, "train/loss") == [(0, 1.0)]
+
+
+TRAINING = """
+import json, sys, time
+from xp.config import TrackingConfig
+from xp.tracking import MlflowTracker
+
+tracker = MlflowTracker(
+    TrackingConfig(flush_interval_s=0.05), tracking_uri=sys.argv[1], experiment_name="exp",
+    run_name="run",
+)
+tracker.start()
+tracker.wait_ready(timeout=60)
+print(json.dumps({"run_id": tracker.run_id}), flush=True)
+sys.stdin.readline()
+for step in range(100):
+    tracker.log_metrics({"train/loss": float(step)}, step=step)
+    tracker.set_tags({"xp.last_step": str(step)}) if step == 99 else None
+time.sleep(1.0)  # twenty flush intervals: all of it is handed over
+print(json.dumps({"mlflow_imported": "mlflow" in sys.modules}), flush=True)
+if sys.argv[2] == "close":
+    tracker.close()
+    print(json.dumps({"unwritten": tracker.unwritten_metrics}), flush=True)
+else:
+    time.sleep(600)  # until killed
+"""
+
+
+def start_training(tmp_path: Path, uri: str, end: str) -> subprocess.Popen[str]:
+    script = tmp_path / "train.py"
+    script.write_text(TRAINING)
+    return subprocess.Popen(
+        [sys.executable, str(script), uri, end],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def read_json(proc: subprocess.Popen[str]) -> dict:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, f"the training process ended early ({proc.wait(timeout=60)})"
+    return json.loads(line)
+
+
+@pytest.mark.slow
+def test_training_process_never_imports_mlflow(mlflow_uri: str, tmp_path: Path) -> None:
+    proc = start_training(tmp_path, mlflow_uri, "close")
+    try:
+        run_id = read_json(proc)["run_id"]
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert read_json(proc) == {"mlflow_imported": False}
+        assert read_json(proc) == {"unwritten": 0}
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
     client = MlflowClient(mlflow_uri)
-    assert history(client, tracker.run_id, "train/loss") == [(s, float(s)) for s in range(50)]
-    assert caplog.text.count("keeps everything queued") == 1
-    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert history(client, run_id, "train/loss") == [(s, float(s)) for s in range(100)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+@needs_proc
+def test_killed_training_leaves_no_writer_and_keeps_what_it_handed_over(
+    mlflow_uri: str, tmp_path: Path
+) -> None:
+    database = mlflow_uri[len("sqlite:///") :]
+    proc = start_training(tmp_path, mlflow_uri, "kill")
+    try:
+        run_id = read_json(proc)["run_id"]
+        (writer,) = writer_pids(proc.pid)
+        # Another process holds the store: the writer gets the points but cannot write them
+        # before the training process is gone.
+        lock = sqlite3.connect(database, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            read_json(proc)
+            proc.kill()
+            proc.wait(timeout=60)
+            time.sleep(0.5)
+            stored = lock.execute("SELECT COUNT(*) FROM metrics WHERE run_uuid = ?", (run_id,))
+            assert stored.fetchone() == (0,)  # so what is there below came after the kill
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        deadline = time.monotonic() + 60
+        while _alive(writer):
+            assert time.monotonic() < deadline, "the writer outlived its training process"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+    client = MlflowClient(mlflow_uri)
+    assert history(client, run_id, "train/loss") == [(s, float(s)) for s in range(100)]
+    run = client.get_run(run_id)
+    assert run.data.tags["xp.last_step"] == "99"
+    assert run.info.status == "RUNNING"  # nobody ended it: a resume can continue it
 
 
 def test_run_that_cannot_be_created_fails_on_the_training_thread(
@@ -337,7 +459,7 @@ def test_real_server_then_server_dies(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Restored after the test: the tracker sets MLflow's HTTP retry defaults.
+    # The writer gets xp's short HTTP retries only where the environment sets none.
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
     with mlflow_server(mlflow_uri, tmp_path) as (uri, server):
@@ -368,11 +490,51 @@ def test_real_server_then_server_dies(
     assert stored == [(s, float(s)) for s in range(100)]
 
 
+@pytest.mark.slow
+def test_server_restart_mid_run_loses_nothing(
+    mlflow_uri: str,
+    tmp_path: Path,
+    log: logging.Logger,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
+    caplog.set_level(logging.INFO, logger=log.name)
+    with mlflow_server(mlflow_uri, tmp_path) as (uri, server):
+        tracker = make_tracker(uri, tmp_path, log, artifact_location=None)
+        tracker.start()
+        tracker.wait_ready(timeout=60)
+        for step in range(50):
+            tracker.log_metrics({"train/loss": float(step)}, step=step)
+        deadline = time.monotonic() + 30
+        while tracker.written_through_step < 49:
+            assert time.monotonic() < deadline, "metrics did not reach the server"
+            time.sleep(0.05)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        for step in range(50, 100):
+            tracker.log_metrics({"train/loss": float(step)}, step=step)
+        while "keeps everything queued" not in caplog.text:
+            assert time.monotonic() < deadline, "the failed write was not reported"
+            time.sleep(0.05)
+        port = int(uri.rsplit(":", 1)[1])
+    with mlflow_server(mlflow_uri, tmp_path, port=port):
+        tracker.close()
+
+    client = MlflowClient(mlflow_uri)
+    assert history(client, tracker.run_id, "train/loss") == [(s, float(s)) for s in range(100)]
+    assert caplog.text.count("keeps everything queued") == 1
+    assert "takes writes again" in caplog.text
+    assert tracker.unwritten_metrics == 0
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
 class mlflow_server:
     """``mlflow server`` on a free local port over ``backend_uri``; killed on exit."""
 
-    def __init__(self, backend_uri: str, tmp_path: Path) -> None:
-        self.port = free_port()
+    def __init__(self, backend_uri: str, tmp_path: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.command = [
             sys.executable,
@@ -390,7 +552,7 @@ class mlflow_server:
             "--workers",
             "1",
         ]
-        self.log = tmp_path / "server.log"
+        self.log = tmp_path / f"server-{time.monotonic_ns()}.log"
 
     def __enter__(self) -> tuple[str, subprocess.Popen[bytes]]:
         with open(self.log, "wb") as out:

@@ -1,0 +1,564 @@
+"""The process that writes an :class:`xp.tracking.MlflowTracker`'s run into MLflow.
+
+Started by the tracker as ``python -m xp._tracking_worker READ_FD WRITE_FD PARENT_PID``
+in a session of its own. It imports mlflow (about a second), creates or re-opens the
+run and writes what the training process hands over, so neither mlflow's import nor
+SQLAlchemy's work (~160 us of Python per metric point) ever holds the training
+process's GIL. It imports neither torch nor omegaconf: only this module, ``xp.tracking``
+(standard library only) and mlflow.
+
+The pipes carry pickled tuples of plain values. From the tracker: ``("setup", dict)``
+first, then ``("metrics", [(key, value, timestamp_ms, step), ...], through_step)``,
+``("op", what, request)`` and finally ``("close", status)``. To the tracker: ``("ready",
+run_id)`` or ``("failed", message, detail)``, then ``("log", level, text)``,
+``("progress", done_points, written_through_step, written_ops)`` and ``("report",
+terminated, last_error)``.
+
+When the training process goes away without ``close`` (killed, or it crashed), the
+pipe closes (or the parent pid changes): the worker writes what it was handed, leaves
+the run RUNNING, so that it can be resumed, and exits. A writer holds a lock on its
+run while it lives; a writer that re-opens the run (resume, test=) takes that lock
+first, so it reads what is stored only once such a leftover writer has finished.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from xp.tracking import (
+    CHECKPOINT_LOCATION_TAG,
+    ERROR_TAG,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    TrackingError,
+    _first_line,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+_ERROR_TAG_CHARS = 5000
+# How long the last writes are retried: after close(), or after the training process
+# went away.
+_FINAL_RETRY_S = 5.0
+_RETRY_PAUSE_S = 0.5
+# How often the writer looks whether its parent is still there while nothing arrives.
+_POLL_S = 0.5
+# How long a re-opening writer waits for a leftover writer of the same run to finish.
+_LOCK_WAIT_S = 120.0
+# MLflow error codes that the same request will meet again: dropping beats retrying.
+_PERMANENT_ERROR_CODES = frozenset(
+    {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST"}
+)
+
+
+class _ParentLog:
+    """Sends messages to the training process, whose logger writes them (its run log)."""
+
+    def __init__(self, send: Callable[..., bool]) -> None:
+        self._send = send
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        text = msg % args if args else msg
+        if not self._send("log", level, text):
+            print(f"xp.tracking: {text}", file=sys.stderr, flush=True)
+
+    def info(self, msg: str, *args: Any) -> None:
+        self.log(logging.INFO, msg, *args)
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self.log(logging.WARNING, msg, *args)
+
+    def error(self, msg: str, *args: Any) -> None:
+        self.log(logging.ERROR, msg, *args)
+
+
+class _Writer:
+    """Opens the run, then writes metrics and ops in the order they arrive."""
+
+    def __init__(self, setup: Mapping[str, Any], outbox: Connection, parent_pid: int) -> None:
+        self.tracking_uri: str = setup["tracking_uri"]
+        self.experiment_name: str = setup["experiment_name"]
+        self.run_name: str = setup["run_name"]
+        self.tags: dict[str, str] = setup["tags"]
+        self.params: dict[str, str] = setup["params"]
+        self.artifact_location: str | None = setup["artifact_location"]
+        self.reopen_id: str | None = setup["run_id"]
+        self.system_metrics: bool = setup["system_metrics"]
+        self.flush_interval_s: float = setup["flush_interval_s"]
+        self.parent_pid = parent_pid
+        self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._outbox = outbox
+        self._outbox_open = True
+        self.log = _ParentLog(self.send)
+
+        self.run_id: str | None = None
+        self._unsent: list[Any] = []  # mlflow.entities.Metric
+        self._ops: collections.deque[tuple[str, tuple[Any, ...]]] = collections.deque()
+        self._logged_until: dict[str, int] = {}
+        self._received_through = -1
+        self._written_through = -1
+        self._done_points = 0  # written, or already in the store (a resumed run's steps)
+        self._written_ops = 0
+        self._store_down = False
+        self._next_attempt = 0.0
+        self._last_error: BaseException | None = None
+        self._monitor: Any = None
+        self._reported: tuple[int, int, int] | None = None
+        self._lock: Any = None
+
+    # ------------------------------------------------------------------- messages
+
+    def send(self, *message: Any) -> bool:
+        if not self._outbox_open:
+            return False
+        try:
+            self._outbox.send(message)
+        except OSError:  # the training process is gone
+            self._outbox_open = False
+            return False
+        return True
+
+    def read(self, inbox: Connection) -> None:
+        """The reader thread: keeps the pipe drained whatever the writer is doing."""
+        try:
+            while True:
+                self.inbox.put(inbox.recv())
+        except (EOFError, OSError):
+            pass
+        finally:
+            self.inbox.put(("gone",))
+
+    # ------------------------------------------------------------------- main loop
+
+    def run(self) -> int:
+        try:
+            client = self._open_run()
+        except Exception as exc:
+            self.send("failed", self._describe_failure(exc), traceback.format_exc())
+            return 1
+        self.send("ready", self.run_id)
+        try:
+            status = self._serve(client)
+            drained = self._flush_until(time.monotonic() + _FINAL_RETRY_S, client)
+            self._stop_monitor()
+            if status is None:
+                return 0  # the run stays RUNNING: whoever resumes it finishes it
+            terminated = drained and bool(
+                self._attempt(f"status {status}", client.set_terminated, self.run_id, status)
+            )
+        except Exception:
+            self.log.error(
+                "The MLflow writer failed; run %s:\n%s", self.run_id, traceback.format_exc()
+            )
+            terminated = False
+        self._report_progress()
+        self.send("report", terminated, _first_line(self._last_error) if self._last_error else None)
+        return 0
+
+    def _serve(self, client: MlflowClient) -> str | None:
+        """Write what arrives until close (its status) or until the training process is gone."""
+        while True:
+            try:
+                message: tuple[Any, ...] | None = self.inbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                message = None
+            while message is not None:
+                if message[0] == "gone":
+                    return None
+                if message[0] == "close":
+                    return str(message[1])
+                self._take(message)
+                message = self._next()
+            if self._orphaned():
+                return None
+            if time.monotonic() >= self._next_attempt:
+                self._flush_once(client)
+
+    def _next(self) -> tuple[Any, ...] | None:
+        try:
+            return self.inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _orphaned(self) -> bool:
+        # A forked child of the training process (a data loader worker) may hold the
+        # pipe open after the training process died; the parent pid tells.
+        return os.getppid() != self.parent_pid
+
+    def _take(self, message: tuple[Any, ...]) -> None:
+        from mlflow.entities import Metric
+
+        kind = message[0]
+        if kind == "metrics":
+            _, points, through = message
+            logged_until = self._logged_until
+            for key, value, timestamp, step in points:
+                # A resumed run recomputes the steps after its checkpoint; those already in
+                # the store are not written twice, so each metric's history stays continuous.
+                if step <= logged_until.get(key, -1):
+                    self._done_points += 1
+                    continue
+                self._unsent.append(Metric(key, value, timestamp, step))
+            self._received_through = max(self._received_through, through)
+        elif kind == "op":
+            self._ops.append((message[1], message[2]))
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            # Its last samples go through its own client; a dead store fails them fast.
+            _try(self._monitor.finish)
+            self._monitor = None
+
+    # ------------------------------------------------------------------- the run
+
+    def _open_run(self) -> MlflowClient:
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        _create_sqlite_store_atomically(self.tracking_uri)
+        client = MlflowClient(self.tracking_uri)
+        if self.reopen_id is not None:
+            self._lock = self._hold_run_lock(self.reopen_id)
+            run = client.get_run(self.reopen_id)
+            if run.info.lifecycle_stage == "deleted":
+                raise TrackingError(
+                    f"run_id={self.reopen_id!r} is deleted in {self.tracking_uri}; HINT: "
+                    f"restore it with `mlflow runs restore --run-id {self.reopen_id}`, "
+                    "or start a new run."
+                )
+            run_id = run.info.run_id
+            client.update_run(run_id, status="RUNNING")
+            _log_tags(client, run_id, self.tags)
+            params = self._params_missing_from(run.data.params)
+            self._logged_until = {
+                key: max(m.step for m in client.get_metric_history(run_id, key))
+                for key in run.data.metrics
+            }
+        else:
+            experiment_id = self._experiment_id(client)
+            run = client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
+            run_id = run.info.run_id
+            self._lock = self._hold_run_lock(run_id)
+            params = self.params
+        try:
+            items = [Param(key, value) for key, value in params.items()]
+            for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+                chunk = items[start : start + MAX_PARAMS_TAGS_PER_BATCH]
+                client.log_batch(run_id, params=chunk)
+        except Exception:
+            if self.reopen_id is None:
+                _try(lambda: client.set_terminated(run_id, "FAILED"))
+            raise
+        self.run_id = run_id
+        if self.system_metrics:
+            self._start_monitor(run_id)
+        return client
+
+    def _hold_run_lock(self, run_id: str) -> Any:
+        """Lock ``run_id`` for this writer's life (the OS frees it when the process ends).
+
+        A writer of a killed training process may still be writing its last points when
+        the run is resumed; reading the stored steps before it finished would let both
+        write the same steps.
+        """
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no leftover writers to wait for
+            return None
+        handle = open(Path(tempfile.gettempdir()) / f"xp-mlflow-writer-{run_id}.lock", "a+")  # noqa: SIM115
+        deadline = time.monotonic() + _LOCK_WAIT_S
+        told = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return handle
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self.log.warning(
+                        "Run %s: its previous writer is still busy after %.0f s; writing anyway.",
+                        run_id,
+                        _LOCK_WAIT_S,
+                    )
+                    return handle
+                if not told:
+                    self.log.info(
+                        "Run %s: waiting for the writer of its killed process to finish.", run_id
+                    )
+                    told = True
+                time.sleep(0.1)
+
+    def _experiment_id(self, client: MlflowClient) -> str:
+        from mlflow.exceptions import MlflowException
+
+        experiment = client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            try:
+                return client.create_experiment(
+                    self.experiment_name, artifact_location=self.artifact_location
+                )
+            except MlflowException as exc:
+                # Another process of a multirun created it first.
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = client.get_experiment_by_name(self.experiment_name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"experiment_name={self.experiment_name!r} names a deleted experiment in "
+                f"{self.tracking_uri}; HINT: restore it with `mlflow experiments restore "
+                f"--experiment-id {experiment.experiment_id}`, or pick another experiment_name."
+            )
+        return str(experiment.experiment_id)
+
+    def _params_missing_from(self, existing: Mapping[str, str]) -> dict[str, str]:
+        changed = sorted(k for k, v in self.params.items() if k in existing and existing[k] != v)
+        if changed:
+            shown = ", ".join(f"{k}: {existing[k]!r} -> {self.params[k]!r}" for k in changed[:5])
+            more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+            self.log.warning(
+                "Run %s keeps its logged params; MLflow cannot change them, so these new "
+                "values are not recorded: %s%s.",
+                self.reopen_id,
+                shown,
+                more,
+            )
+        return {k: v for k, v in self.params.items() if k not in existing}
+
+    def _start_monitor(self, run_id: str) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                run_id,
+                resume_logging=self.reopen_id is not None,
+                tracking_uri=self.tracking_uri,
+            )
+            monitor.start()
+        except Exception as exc:
+            self.log.warning(
+                "tracking.system_metrics=true is ignored: MLflow's system metrics monitor "
+                "did not start (%s). HINT: it needs psutil (and pynvml for GPUs).",
+                exc,
+            )
+            return
+        self._monitor = monitor
+
+    def _describe_failure(self, exc: BaseException) -> str:
+        if isinstance(exc, TrackingError):
+            return str(exc)
+        if self.reopen_id is not None:
+            return (
+                f"MLflow run_id={self.reopen_id!r} could not be re-opened in "
+                f"{self.tracking_uri}: {_first_line(exc)}. HINT: check the run id "
+                "(`mlflow runs list --experiment-id ...`) and that the store is the one "
+                "the run was created in."
+            )
+        return (
+            f"The MLflow run for experiment_name={self.experiment_name!r} could not be "
+            f"created in {self.tracking_uri}: {_first_line(exc)}. HINT: check "
+            "tracking.tracking_uri (or $MLFLOW_TRACKING_URI), or unset both to use the "
+            "local SQLite store under outputs/."
+        )
+
+    # ------------------------------------------------------------------- writing
+
+    def _flush_until(self, deadline: float, client: MlflowClient) -> bool:
+        while True:
+            # Whatever arrived before close (or before the pipe closed) is written too.
+            while (message := self._next()) is not None:
+                if message[0] not in ("gone", "close"):
+                    self._take(message)
+            if self._flush_once(client):
+                return True
+            if time.monotonic() + _RETRY_PAUSE_S >= deadline:
+                return False
+            time.sleep(_RETRY_PAUSE_S)
+
+    def _flush_once(self, client: MlflowClient) -> bool:
+        """Write what was handed over; True when nothing is left (False: the store is down)."""
+        run_id = self.run_id
+        assert run_id is not None
+        try:
+            while self._unsent:
+                chunk = self._unsent[:MAX_METRICS_PER_BATCH]
+                outcome = self._attempt("metrics", client.log_batch, run_id, metrics=chunk)
+                if outcome is None:
+                    return False
+                if outcome:
+                    self._done_points += len(chunk)
+                del self._unsent[: len(chunk)]
+                self._report_progress()
+            self._written_through = self._received_through
+            while self._ops:
+                what, request = self._ops[0]
+                outcome = self._attempt(what, _apply, client, run_id, request, self.log)
+                if outcome is None:
+                    return False
+                if outcome:
+                    self._written_ops += 1
+                self._ops.popleft()
+                self._report_progress()
+            return True
+        finally:
+            self._report_progress()
+
+    def _attempt(
+        self, what: str, write: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> bool | None:
+        """Run one write: True when done, False when it can never succeed, None to retry."""
+        try:
+            write(*args, **kwargs)
+        except Exception as exc:
+            self._last_error = exc
+            if _is_permanent(exc):
+                self.log.error(
+                    "MLflow run %s refused %s, which is dropped: %s", self.run_id, what, exc
+                )
+                return False
+            self._next_attempt = time.monotonic() + self.flush_interval_s
+            if not self._store_down:
+                self._store_down = True
+                self.log.warning(
+                    "MLflow store %s did not take %s (%s); xp keeps everything queued and "
+                    "retries every %g s.",
+                    self.tracking_uri,
+                    what,
+                    _first_line(exc),
+                    self.flush_interval_s,
+                )
+            return None
+        if self._store_down:
+            self._store_down = False
+            self.log.info("MLflow store %s takes writes again.", self.tracking_uri)
+        return True
+
+    def _report_progress(self) -> None:
+        state = (self._done_points, self._written_through, self._written_ops)
+        if state != self._reported:
+            self._reported = state
+            self.send("progress", *state)
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def _apply(client: MlflowClient, run_id: str, request: tuple[Any, ...], log: _ParentLog) -> None:
+    """Carry out one queued write other than metrics (see ``MlflowTracker._enqueue``)."""
+    kind = request[0]
+    if kind == "tags":
+        _log_tags(client, run_id, request[1])
+    elif kind == "artifact":
+        client.log_artifact(run_id, request[1], request[2])
+    elif kind == "artifacts":
+        client.log_artifacts(run_id, request[1], request[2])
+    elif kind == "checkpoint":
+        _, path, max_mb = request
+        local = Path(path)
+        size_mb = _size_bytes(local) / 2**20
+        if size_mb <= max_mb:
+            client.log_artifact(run_id, path, "checkpoints")
+            return
+        _log_tags(client, run_id, {CHECKPOINT_LOCATION_TAG: path})
+        log.info(
+            "Checkpoint %s (%.1f MB) is over tracking.checkpoint_artifact_max_mb=%g, so "
+            "its location is recorded as tag %s instead of uploading it.",
+            path,
+            size_mb,
+            max_mb,
+            CHECKPOINT_LOCATION_TAG,
+        )
+    elif kind == "error":
+        error = request[1]
+        _log_tags(client, run_id, {ERROR_TAG: error[:_ERROR_TAG_CHARS]})
+    elif kind == "error_text":
+        client.log_text(run_id, request[1], "error.txt")
+    else:
+        raise AssertionError(f"unknown write {kind!r}")
+
+
+def _log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(key, value) for key, value in tags.items()]
+    for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=items[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+
+
+def _create_sqlite_store_atomically(uri: str) -> None:
+    """Create a new SQLite store under a temporary name, then link it into place.
+
+    MLflow's ~2 s of migrations, cut short by a kill, would leave a store that no later
+    run can open; a store that appears under its final name is always complete.
+    """
+    if not uri.lower().startswith("sqlite:///"):
+        return
+    database = Path(uri[len("sqlite:///") :])
+    if database.exists():
+        return
+    from mlflow import MlflowClient
+
+    database.parent.mkdir(parents=True, exist_ok=True)
+    tmp = database.with_name(f".{database.name}.{os.getpid()}.tmp")
+    try:
+        MlflowClient(f"sqlite:///{tmp.as_posix()}").search_experiments(max_results=1)
+        # Fails if another process created it meanwhile: then theirs is used.
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, database)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    if isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError):
+        return True  # the local file went away; it will not come back for a retry
+    return getattr(exc, "error_code", None) in _PERMANENT_ERROR_CODES
+
+
+def _size_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _try(action: Callable[[], Any]) -> None:
+    """Best effort for clean-up steps whose failure must not hide the real outcome."""
+    try:
+        action()
+    except Exception:
+        logging.getLogger(__name__).debug("clean-up step failed", exc_info=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve one tracker: ``READ_FD WRITE_FD PARENT_PID``."""
+    read_fd, write_fd, parent_pid = (int(a) for a in (argv or sys.argv[1:]))
+    inbox = Connection(read_fd, writable=False)
+    outbox = Connection(write_fd, readable=False)
+    try:
+        kind, setup = inbox.recv()
+    except (EOFError, OSError):
+        return 0  # the training process went away before it said anything
+    assert kind == "setup", kind
+    writer = _Writer(setup, outbox, parent_pid)
+    threading.Thread(
+        target=writer.read, args=(inbox,), name="xp-tracking-reader", daemon=True
+    ).start()
+    return writer.run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
