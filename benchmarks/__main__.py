@@ -114,7 +114,7 @@ CASES = {
     "logging": Case(
         step.measure_logging,
         "logging every step: training-thread time per scalar (tiny model, 4 scalars a step; "
-        "extra step time over logging every 10th)",
+        "the log_metrics call plus the CPU of the tracker's threads in the training process)",
         "MlflowClient.log_metric per scalar, same SQLite store type",
         "us per scalar, in-process steady state",
         10.0,
@@ -159,6 +159,17 @@ CASES = {
         0.2,
         higher_is_better=False,
         note=checkpoint.stall_note,
+    ),
+    "checkpoint_stall_fsdp": Case(
+        checkpoint.measure_fsdp_stall,
+        "training-thread stall per checkpoint, same state, FSDP on 1 rank: save_checkpoint "
+        "with checkpoint.async_save (DCP async_save, until it returns)",
+        "the same save_checkpoint, synchronous (DCP save, extra.pt, marker)",
+        "seconds blocked",
+        0.2,
+        higher_is_better=False,
+        note=checkpoint.fsdp_stall_note,
+        rounds=3,
     ),
     **_anchor_cases,
 }

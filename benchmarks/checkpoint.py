@@ -9,18 +9,24 @@ state dicts, fsync'd, in the same folder; GB/s of each file.
 returns) vs written synchronously. The background write itself is not counted: it
 competes with training for CPU and disk, which a stall cannot show.
 
-Both cases run in one interleaved loop (save, stall, save, stall...) on the first call
-and are read from a cache by the second. Files go to a temporary folder on the disk of
-the repository, deleted afterwards.
+``checkpoint_stall_fsdp``: the same stall for FSDP's sharded checkpoint folders, DCP's
+``async_save`` (``checkpoint.async_save=true``) vs DCP's synchronous save, on one rank in
+a process of its own (FSDP's process group stays out of this one).
+
+The first two cases run in one interleaved loop (save, stall, save, stall...) on the first
+call and are read from a cache by the second. Files go to a temporary folder on the disk
+of the repository, deleted afterwards.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,6 +40,7 @@ from torch import nn
 from xp.checkpoint import AsyncCheckpointWriter, state_nbytes
 from xp.config import AdamWConfig, Device
 from xp.optim import OptimSpec, OptimWrapper
+from xp.strategy.base import Strategy
 from xp.strategy.single import SingleDeviceStrategy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,10 +73,11 @@ def _bench_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="xp-ckpt-bench-", dir=parent))
 
 
-def _prepare(work: Path, quick: bool) -> _Strategy:
+def _prepare(work: Path, quick: bool, strategy: Strategy | None = None) -> Strategy:
     """The model and AdamW, prepared by xp, after one step (so the optimizer has state)."""
     layers, width = QUICK if quick else FULL
-    strategy = _Strategy(log_dir=work / "run", experiment_name="bench", device=Device.cpu)
+    if strategy is None:
+        strategy = _Strategy(log_dir=work / "run", experiment_name="bench", device=Device.cpu)
     prepared = strategy.prepare(
         lambda: nn.Sequential(*(nn.Linear(width, width) for _ in range(layers))),
         optim=OptimSpec(partial(torch.optim.AdamW, lr=1e-4), AdamWConfig(lr=1e-4)),
@@ -118,6 +126,7 @@ def _measure(rounds: int, quick: bool) -> dict[str, dict[str, list[float]]]:
     work = _bench_dir()
     try:
         strategy = _prepare(work, quick)
+        assert isinstance(strategy, _Strategy)
         model = strategy.prepared.model
         optim_wrapper = strategy.prepared.optim_wrapper
         assert isinstance(optim_wrapper, OptimWrapper)
@@ -182,9 +191,70 @@ def save_note(results: dict[str, list[float]]) -> str:
     )
 
 
+def measure_fsdp_stall(rounds: int, quick: bool) -> dict[str, list[float]]:
+    """Seconds blocked by an FSDP save with async_save (``xp``) and without (``baseline``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.checkpoint", "fsdp", str(rounds), str(int(quick))],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True, timeout=1200,
+    )  # fmt: skip
+    line = next(line for line in out.stdout.splitlines() if line.startswith("{"))
+    results: dict[str, list[float]] = json.loads(line)
+    return results
+
+
+def _measure_fsdp(rounds: int, quick: bool) -> dict[str, list[float]]:
+    """One FSDP rank: each round a synchronous save, then an async one (and its wait)."""
+    from xp.strategy.fsdp import FSDPStrategy
+
+    work = _bench_dir()
+    strategy = FSDPStrategy(
+        log_dir=work / "run", experiment_name="bench", device=Device.cpu, threads_per_process=1
+    )
+    try:
+        _prepare(work, quick, strategy)
+        extra = {"progress": {"epoch": 0, "step": 1}}
+        stall: dict[str, list[float]] = {"xp": [], "baseline": [], "write_s": []}
+        path = work / "step_00000001"
+        # The first save also fills the stager's host copies; later ones reuse them.
+        assert strategy.use_async_checkpoints()
+        stall["first_submit_s"] = [_seconds(strategy.save_checkpoint, path, extra=extra)]
+        strategy.wait_for_checkpoints()
+        for _ in range(rounds):
+            shutil.rmtree(path)
+            kept, strategy._async_save = strategy._async_save, None  # synchronous this once
+            stall["baseline"].append(_seconds(strategy.save_checkpoint, path, extra=extra))
+            strategy._async_save = kept
+            shutil.rmtree(path)
+            stall["xp"].append(_seconds(strategy.save_checkpoint, path, extra=extra))
+            stall["write_s"].append(_seconds(strategy.wait_for_checkpoints))
+        return stall
+    finally:
+        strategy.teardown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def fsdp_stall_note(results: dict[str, list[float]]) -> str:
+    return (
+        f"the first async save, which allocates DCP's host copies, blocked "
+        f"{results['first_submit_s'][0]:.3g} s; each background write (DCP's thread, then "
+        f"extra.pt and the marker) then took {statistics.median(results['write_s']):.3g} s "
+        "(median) beside training."
+    )
+
+
 def stall_note(results: dict[str, list[float]]) -> str:
     return (
         f"the first async submit, which allocates the host buffers, blocked "
         f"{results['first_submit_s'][0]:.3g} s; each background write then took "
         f"{statistics.median(results['write_s']):.3g} s (median) beside training."
     )
+
+
+if __name__ == "__main__":
+    # python -m benchmarks.checkpoint fsdp ROUNDS QUICK: the FSDP case, in a process of its own.
+    _, case, rounds, quick = sys.argv
+    assert case == "fsdp", case
+    print(json.dumps(_measure_fsdp(int(rounds), bool(int(quick)))))

@@ -259,6 +259,41 @@ class _OnDoneFailed(Exception):
     """The file was written, then the ``on_done`` callback raised (its error is the cause)."""
 
 
+def call_on_done(on_done: Callable[[Path], object] | None, path: Path) -> None:
+    """Run a background save's ``on_done(path)``, marking an error in it as the callback's.
+
+    :func:`wait_for_background_save` then reports it as such, not as a failed write.
+    """
+    if on_done is not None:
+        try:
+            on_done(path)
+        except Exception as e:
+            raise _OnDoneFailed from e
+
+
+def wait_for_background_save(path: Path, future: Future[None]) -> None:
+    """Block until the background save of ``path`` (and its :func:`call_on_done`) is done.
+
+    Raises:
+        CheckpointError: The save or its ``on_done`` failed, with what to do about it.
+    """
+    try:
+        future.result()
+    except _OnDoneFailed as e:
+        cause = e.__cause__
+        raise CheckpointError(
+            f"Checkpoint {path} was saved, but on_done({path}) then raised "
+            f"{type(cause).__name__}: {cause}; fix the callback (old checkpoints may not "
+            "have been pruned)."
+        ) from cause
+    except Exception as e:
+        raise CheckpointError(
+            f"Writing checkpoint {path} in the background failed ({type(e).__name__}: {e}); "
+            f"the previous checkpoint is untouched. Check that {path.parent} is writable "
+            "and has free space."
+        ) from e
+
+
 class AsyncCheckpointWriter:
     """Writes single-file checkpoints on one background thread, one save at a time.
 
@@ -321,21 +356,7 @@ class AsyncCheckpointWriter:
             return
         path, future = self._pending
         self._pending = None
-        try:
-            future.result()
-        except _OnDoneFailed as e:
-            cause = e.__cause__
-            raise CheckpointError(
-                f"Checkpoint {path} was saved, but on_done({path}) then raised "
-                f"{type(cause).__name__}: {cause}; fix the callback (old checkpoints may not "
-                "have been pruned)."
-            ) from cause
-        except Exception as e:
-            raise CheckpointError(
-                f"Writing checkpoint {path} in the background failed ({type(e).__name__}: {e}); "
-                f"the previous checkpoint is untouched. Check that {path.parent} is writable "
-                "and has free space."
-            ) from e
+        wait_for_background_save(path, future)
 
     def close(self) -> None:
         """Wait for the save in flight, then stop the thread and free the buffers; idempotent.
@@ -365,11 +386,7 @@ class AsyncCheckpointWriter:
 
     def _write(self, snapshot: dict[str, Any], path: Path) -> None:
         atomic_save(snapshot, path)
-        if self._on_done is not None:
-            try:
-                self._on_done(path)
-            except Exception as e:
-                raise _OnDoneFailed from e
+        call_on_done(self._on_done, path)
 
     def _snapshot(self, state: dict[str, Any]) -> dict[str, Any]:
         """A copy of ``state`` on the CPU that shares no memory training can write."""

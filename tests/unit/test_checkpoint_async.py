@@ -154,6 +154,25 @@ def test_changed_shapes_and_tied_tensors(tmp_path: Path) -> None:
     assert torch.equal(x, shared) and x.data_ptr() == y.data_ptr()
 
 
+def test_buffers_are_reused_and_each_tensor_loads_on_its_own(tmp_path: Path) -> None:
+    state = make_state()
+    state["extras"] = [torch.zeros(0, 3), torch.ones(3, dtype=torch.bool), torch.tensor(2.5)]
+    expected = clone(state)
+    with AsyncCheckpointWriter() as writer:
+        writer.submit(state, tmp_path / "one.pt")
+        writer.wait()
+        first = {k: b.data_ptr() for k, b in writer._buffers.items()}
+        state["model"]["w"].add_(1.0)
+        writer.submit(state, tmp_path / "two.pt")
+        assert {k: b.data_ptr() for k, b in writer._buffers.items()} == first
+    one, two = load_file(tmp_path / "one.pt"), load_file(tmp_path / "two.pt")
+    assert_same(expected, one)
+    assert torch.equal(two["model"]["w"], expected["model"]["w"] + 1.0)
+    # One storage per tensor in the file: a loaded tensor keeps only its own bytes alive.
+    for t in (one["model"]["w"], one["optim"]["state"][0]["exp_avg"], *one["extras"]):
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def test_state_nbytes_counts_each_view_once() -> None:
     shared = torch.zeros(10)
     state = {"a": shared, "b": [shared, torch.zeros(2, dtype=torch.float64)], "c": 3}

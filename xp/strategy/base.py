@@ -662,9 +662,11 @@ class Strategy(ABC):
             on_done: Called on the writer's thread after each checkpoint is complete.
         """
         if self.sharded_checkpoints:
+            # A sharded strategy writes its folders in its own _write_checkpoint; it offers
+            # asynchronous saves by overriding this (FSDP does).
             self.logger.warning(
-                "checkpoint.async_save applies to single-file checkpoints; %s saves its "
-                "sharded checkpoints synchronously.",
+                "checkpoint.async_save=true: %s has no asynchronous save for its sharded "
+                "checkpoints; they are saved synchronously.",
                 type(self).__name__,
             )
             return False

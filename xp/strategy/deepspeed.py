@@ -430,6 +430,18 @@ class DeepSpeedStrategy(DistributedStrategy):
             state["optim"] = self.optim_state_dict()
         return state
 
+    def use_async_checkpoints(self, on_done: Callable[[Path], object] | None = None) -> bool:
+        """False: DeepSpeed's engine writes its checkpoint files itself, synchronously."""
+        if self.is_main_process:
+            self.logger.warning(
+                "checkpoint.async_save=true does not apply to strategy=deepspeed: its engine "
+                "writes the checkpoint files itself (engine.save_checkpoint), so xp cannot "
+                "copy the state and write it in the background; DeepSpeed's own asynchronous "
+                "writers need its async_io op (libaio) or the datastates package. Checkpoints "
+                "are saved synchronously."
+            )
+        return False
+
     def _write_checkpoint(self, state: dict[str, Any], path: Path) -> None:
         """Every rank writes its engine files; rank 0 writes ``extra.pt``, then the marker."""
         marker = path / COMPLETE_MARKER

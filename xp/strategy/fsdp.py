@@ -4,20 +4,28 @@ Checkpoints are folders that every rank writes in parallel with
 ``torch.distributed.checkpoint`` (DCP): the model and optimizer shards, plus ``extra.pt``
 (schedules, RNG states, progress, config) from rank 0 and, last, the ``COMPLETE`` marker.
 DCP reshards on load, so a run saved on N ranks resumes on M.
+
+With ``checkpoint.async_save=true`` training waits only while DCP copies the shards into
+host memory; DCP's thread writes them, and rank 0 then writes ``extra.pt`` and the marker.
+One save is in flight at most: the next one (and :meth:`FSDPStrategy.wait_for_checkpoints`)
+first waits for it, so a kill mid-save leaves the previous checkpoint the latest.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import gc
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -27,6 +35,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
@@ -40,7 +49,15 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 
-from xp.checkpoint import COMPLETE_MARKER, CheckpointError, atomic_save, is_complete, load_file
+from xp.checkpoint import (
+    COMPLETE_MARKER,
+    CheckpointError,
+    atomic_save,
+    call_on_done,
+    is_complete,
+    load_file,
+    wait_for_background_save,
+)
 from xp.config import DType
 from xp.optim import OptimWrapper
 from xp.strategy.distributed import DistributedStrategy
@@ -88,6 +105,8 @@ class FSDPStrategy(DistributedStrategy):
         self._reduce_dtype = reduce_dtype
         self._cpu_offload = cpu_offload
         self._activation_checkpointing = list(activation_checkpointing)
+        self._async_save: _AsyncSave | None = None
+        self._in_flight: tuple[Path, Future[None]] | None = None
         super().__init__(**kwargs)
 
     # ------------------------------------------------------------------ wrapping
@@ -194,13 +213,21 @@ class FSDPStrategy(DistributedStrategy):
         return model
 
     def _teardown_distributed(self) -> None:
-        super()._teardown_distributed()
-        # FSDP's modules keep the (now destroyed) process group in reference cycles. Freed by
-        # the interpreter's own shutdown, gloo's threads abort the process about one run in
-        # four ("terminate called without an active exception"); collected at exit, while
-        # everything still stands, they end cleanly. Registered once, however many teardowns.
-        atexit.unregister(gc.collect)
-        atexit.register(gc.collect)
+        try:
+            # A save in flight completes first: its thread needs the group.
+            self._finish_async_save()
+        finally:
+            if self._async_save is not None:
+                async_save, self._async_save = self._async_save, None
+                async_save.close()
+            super()._teardown_distributed()
+            # FSDP's modules keep the (now destroyed) process group in reference cycles. Freed
+            # by the interpreter's own shutdown, gloo's threads abort the process about one
+            # run in four ("terminate called without an active exception"); collected at
+            # exit, while everything still stands, they end cleanly. Registered once,
+            # however many teardowns.
+            atexit.unregister(gc.collect)
+            atexit.register(gc.collect)
 
     # ------------------------------------------------------------------ state
 
@@ -239,21 +266,47 @@ class FSDPStrategy(DistributedStrategy):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def use_async_checkpoints(self, on_done: Callable[[Path], object] | None = None) -> bool:
+        """Save later checkpoints with DCP's ``async_save``; every rank must call it.
+
+        Args:
+            on_done: Called on rank 0, on DCP's thread, after each checkpoint is complete.
+        """
+        if self._async_save is None:
+            self._async_save = _AsyncSave(pinned=self.root_device.type == "cuda")
+        self._async_save.on_done = on_done
+        return True
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until the checkpoint in flight is written (on rank 0: and marked complete)."""
+        super().wait_for_checkpoints()
+        self._finish_async_save()
+
     def _write_checkpoint(self, state: dict[str, Any], path: Path) -> None:
         """Every rank writes its shards; rank 0 writes ``extra.pt`` and then the marker."""
+        # Never two saves in flight: DCP's thread would run two saves' collectives at once.
+        self._finish_async_save()
         if self.is_main_process:
             # Saving over a folder: it stops counting as complete before any shard changes
             # (no rank writes before dcp.save's planning, which waits for rank 0).
             (path / COMPLETE_MARKER).unlink(missing_ok=True)
         rest = dict(state)
         shards = {key: rest.pop(key) for key in _SHARDED if key in rest}
+        if self._async_save is not None:
+            extra = copy.deepcopy(rest) if self.is_main_process else None
+            self._in_flight = (path, self._async_save.submit(shards, path, extra))
+            return
         dcp.save(shards, checkpoint_id=path)
         if self.is_main_process:
-            atomic_save(rest, path / EXTRA_FILE)
-            # dcp.save returns on rank 0 only once every rank's shards and the metadata are
-            # written, so the folder is complete now.
-            atomic_save({}, path / COMPLETE_MARKER)
+            _finish_folder(path, rest)
         self.barrier()
+
+    def _finish_async_save(self) -> None:
+        """Wait for the save in flight, if any (rank 0: until its folder is complete)."""
+        if self._in_flight is not None:
+            path, done = self._in_flight
+            self._in_flight = None
+            wait_for_background_save(path, done)
 
     def _read_checkpoint(self, path: Path) -> dict[str, Any]:
         """The checkpoint without its shards, which :meth:`_restore_states` loads."""
@@ -330,6 +383,87 @@ class FSDPStrategy(DistributedStrategy):
                 "config it was saved with."
             ) from e
         return target
+
+
+def _finish_folder(path: Path, extra: dict[str, Any]) -> None:
+    """Rank 0, once DCP's save returned: ``extra.pt``, then the marker that makes it count.
+
+    DCP's save returns on rank 0 only once every rank's shards (each fsync'd) and the
+    metadata are written, so the folder is complete now.
+    """
+    atomic_save(extra, path / EXTRA_FILE)
+    atomic_save({}, path / COMPLETE_MARKER)
+
+
+class _AsyncSave:
+    """DCP's ``async_save`` on a group of its own, into kept host copies, then the marker.
+
+    Rank 0 writes ``extra.pt`` and the marker once every rank's shards are written.
+    Created on every rank, in the same order (a new group is a collective).
+
+    Args:
+        pinned: Stage into pinned memory (shards on CUDA).
+    """
+
+    def __init__(self, *, pinned: bool) -> None:
+        # DCP's thread runs collectives (planning, the final gather) while training runs
+        # FSDP's on the default group; sharing a group would interleave the two. gloo also
+        # gives NCCL runs the CPU backend that async_save requires.
+        self.group = dist.new_group(backend="gloo")
+        # One stager for the whole run: it keeps its host copies and refills them on the next
+        # save, where async_save's own stager would allocate (and page in) a fresh copy each time.
+        self.stager = DefaultStager(
+            StagingOptions(
+                use_pinned_memory=pinned,
+                use_shared_memory=False,
+                use_async_staging=False,
+                use_non_blocking_copy=False,
+            )
+        )
+        self.on_done: Callable[[Path], object] | None = None
+
+    def submit(
+        self, shards: dict[str, Any], path: Path, extra: dict[str, Any] | None
+    ) -> Future[None]:
+        """Copy ``shards`` to host memory and write them in the background.
+
+        Args:
+            shards: This rank's model and optimizer state dicts.
+            path: The checkpoint folder.
+            extra: What rank 0 writes beside the shards once they are all written; None
+                on the other ranks.
+
+        Returns:
+            Done once this rank's part is written (rank 0: the folder is complete and
+            ``on_done`` has run).
+        """
+        saved = dcp.async_save(
+            shards, checkpoint_id=path, process_group=self.group, async_stager=self.stager
+        )
+        assert isinstance(saved, Future)  # an AsyncSaveResponse only for async staging
+        done: Future[None] = Future()
+
+        def finish(saved: Future[Any]) -> None:
+            try:
+                saved.result()
+                if extra is not None:
+                    _finish_folder(path, extra)
+                    call_on_done(self.on_done, path)
+            except BaseException as e:
+                done.set_exception(e)
+            else:
+                done.set_result(None)
+
+        saved.add_done_callback(finish)
+        return done
+
+    def close(self) -> None:
+        """Free the host copies and leave the group (after the last save is done)."""
+        self.stager.close()
+        if dist.is_initialized():
+            # gloo: a rank may still be sending the last save's result to another.
+            dist.barrier(group=self.group)
+            dist.destroy_process_group(self.group)
 
 
 def export_model_state(path: Path) -> dict[str, torch.Tensor]:
