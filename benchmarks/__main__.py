@@ -242,6 +242,7 @@ def main() -> None:
             *([*notes, ""] if notes else []),
         ]
     )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)
     print(f"\nWrote {args.out}")
 

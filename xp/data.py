@@ -256,5 +256,10 @@ class EpochLoader:
     def _slice_batches(self, start_batch: int) -> Iterator[tuple[torch.Tensor, ...]]:
         assert self._tensors is not None
         tensors = self._tensors
+        if len(tensors) == 2:  # (inputs, targets): no generator per batch
+            x, y = tensors
+            for index in self._index_batches.batches[start_batch:]:
+                yield x[index], y[index]
+            return
         for index in self._index_batches.batches[start_batch:]:
             yield tuple(t[index] for t in tensors)

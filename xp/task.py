@@ -93,6 +93,7 @@ class SupervisedTask:
     ) -> None:
         self.loss_kind = Loss(loss)
         self._loss = _LOSSES[self.loss_kind]
+        self._plain_ce = self.loss_kind is Loss.cross_entropy
         self.ignore_index = ignore_index
         self.input_key = input_key
         self.target_key = target_key
@@ -158,9 +159,16 @@ class SupervisedTask:
 
         With ``skip_nonfinite`` a NaN/inf loss is dropped (no backward) and None returned.
         """
-        inputs, targets = self.split(batch)
+        if type(batch) is tuple and len(batch) == 2:  # the common layout, checked fast
+            inputs, targets = batch
+        else:
+            inputs, targets = self.split(batch)
         with optim.optim_context():
-            loss = self.loss(model(inputs), targets)
+            outputs = model(inputs)
+            if self._plain_ce and outputs.dim() == 2 and outputs.dtype is torch.float32:
+                loss = F.cross_entropy(outputs, targets, ignore_index=self.ignore_index)
+            else:
+                loss = self.loss(outputs, targets)
         if skip_nonfinite and not torch.isfinite(loss):
             optim.skip_micro_batch()
             return None, 0

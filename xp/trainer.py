@@ -78,11 +78,13 @@ class LogWindow:
     def add(self, values: Mapping[str, Any], samples: int) -> None:
         sums = self.sums
         for key, value in values.items():
-            value = value.detach() if isinstance(value, torch.Tensor) else float(value)
-            if key in sums:
-                sums[key] += value
-            else:
+            total = sums.get(key)
+            if isinstance(value, torch.Tensor):
+                value = value.detach()
+            if total is None:
                 sums[key] = torch.zeros((), device=self.device) + value
+            else:
+                total += value
         self.batches += 1
         self.samples += samples
 
@@ -272,7 +274,9 @@ class Trainer:
         c = self.checkpoint
         total = self.length.total_steps
         model, module, optim, loader = self.model, self.module, self.optim, self.train_loader
-        step_fn, to_device = self.task.train_step, self.strategy.to_device
+        step_fn = self.task.train_step
+        # On the CPU a batch stays where it is: no call per step (a few us on a ~1 ms step).
+        to_device = None if self.strategy.root_device.type == "cpu" else self.strategy.to_device
         custom = self.task.custom_step
         bar_enabled = sys.stderr.isatty() if s.progress_bar is None else s.progress_bar
         bar = ProgressBar(
@@ -288,7 +292,9 @@ class Trainer:
             optim.initialize_count_status(inner_count=p.batch_in_epoch, max_counts=len(loader))
             model.train()
             for batch in loader.iter_from(p.batch_in_epoch):
-                values, samples = step_fn(model, module, to_device(batch), optim, skip_nonfinite)
+                if to_device is not None:
+                    batch = to_device(batch)
+                values, samples = step_fn(model, module, batch, optim, skip_nonfinite)
                 if values is None:
                     self._skipped += 1
                 else:
@@ -301,7 +307,8 @@ class Trainer:
                     schedule.step_iter()
                 if p.step % s.log_interval_steps == 0:
                     self._log_train(p, bar)
-                bar.update(p.step)
+                if bar.enabled:
+                    bar.update(p.step)
                 if c.interval_steps and p.step % c.interval_steps == 0:
                     self.save_checkpoint(p)
                 if self._stop_requested(p):

@@ -314,6 +314,33 @@ def test_joblib_runs_jobs_side_by_side(xp, workdir: Path, store) -> None:
     assert all(c.info.status == "FINISHED" for c in children)
 
 
+def test_submitit_runs_each_job_as_its_own_process(xp, workdir: Path, store) -> None:
+    """The submitit launcher (the local executor: the Slurm one's code path without Slurm)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'xp[slurm]'")
+    result = xp(
+        "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+        "optim.lr=1e-3,3e-3", *FAST,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (parent,), children = sweep_runs(store)
+    assert {c.info.run_name for c in children} == {"optim.lr=0.001", "optim.lr=0.003"}
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all(c.info.status == "FINISHED" for c in children)
+    (sweep,) = sweep_dirs(workdir)
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    rest = "trainer.max_steps=20,tracking.flush_interval_s=0.2"
+    assert jobs == [f"0_optim.lr=0.001,{rest}", f"1_optim.lr=0.003,{rest}"]
+
+
+def test_the_slurm_preset_requeues_and_warns_before_the_time_limit(xp, workdir: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'xp[slurm]'")
+    result = xp("hydra/launcher=slurm", "--cfg", "hydra")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SlurmLauncher" in result.stdout
+    assert "requeue: true" in result.stdout
+    assert "signal_delay_s: 120" in result.stdout
+
+
 def test_a_killed_job_resumes_when_the_sweep_runs_again(workdir: Path, store) -> None:
     args = ["-m", "trainer.max_steps=20,400", "tracking.flush_interval_s=0.2"]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "XP_TIMESTAMP")}
