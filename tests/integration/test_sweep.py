@@ -328,7 +328,7 @@ def test_submitit_runs_each_job_as_its_own_process(xp, workdir: Path, store) -> 
     assert all(c.info.status == "FINISHED" for c in children)
     (sweep,) = sweep_dirs(workdir)
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
-    rest = "trainer.max_steps=20,tracking.flush_interval_s=0.2"
+    rest = "tracking.flush_interval_s=0.2,trainer.max_steps=20"  # Hydra sorts them
     assert jobs == [f"0_optim.lr=0.001,{rest}", f"1_optim.lr=0.003,{rest}"]
 
 
