@@ -128,30 +128,34 @@ class ExactMatch(Metric):
         return self._ratio()
 
 
-class MeanSquaredError(Metric):
+class _MeanError(Metric):
+    """Mean of a per-element error between outputs and targets, over every element."""
+
+    names = ("error", "elements")
+
+    def _error(self, diff: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, outputs: Tensor, targets: Tensor) -> None:
+        diff = outputs.detach().float().reshape(targets.shape) - targets.float()
+        self._add(self._error(diff).sum(), torch.tensor(diff.numel(), device=diff.device))
+
+    def compute(self) -> float:
+        return self._ratio()
+
+
+class MeanSquaredError(_MeanError):
     """Mean of the squared differences over every element."""
 
-    names = ("squared_error", "elements")
-
-    def update(self, outputs: Tensor, targets: Tensor) -> None:
-        diff = outputs.detach().float().reshape(targets.shape) - targets.float()
-        self._add(diff.square().sum(), torch.tensor(diff.numel(), device=diff.device))
-
-    def compute(self) -> float:
-        return self._ratio()
+    def _error(self, diff: Tensor) -> Tensor:
+        return diff.square()
 
 
-class MeanAbsoluteError(Metric):
+class MeanAbsoluteError(_MeanError):
     """Mean of the absolute differences over every element."""
 
-    names = ("absolute_error", "elements")
-
-    def update(self, outputs: Tensor, targets: Tensor) -> None:
-        diff = outputs.detach().float().reshape(targets.shape) - targets.float()
-        self._add(diff.abs().sum(), torch.tensor(diff.numel(), device=diff.device))
-
-    def compute(self) -> float:
-        return self._ratio()
+    def _error(self, diff: Tensor) -> Tensor:
+        return diff.abs()
 
 
 class Mean:

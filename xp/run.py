@@ -572,9 +572,7 @@ def run(cfg: DictConfig) -> float | None:
         _finish_failed(tracker, strategy, "FAILED", "".join(traceback.format_exception(e)))
         if not started and created_here:
             _remove_half_made_run_dir(log_dir)
-        if isinstance(e, USER_ERRORS) and not os.environ.get("HYDRA_FULL_ERROR"):
-            print(f"xp: error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
+        _exit_on_user_error(e)
         raise
     finally:
         # Drop the run's objects before the process group goes (see the strategy's teardown).
@@ -595,6 +593,7 @@ def _test(
     onto the same MLflow run, and leave its training state and status as they were."""
     strategy: Strategy | None = None
     tracker: MlflowTracker | None = None
+    status = "FINISHED"
     try:
         check_targets(cfg, allowed=allowed, restored=True)
         built = build(cfg, log_dir)
@@ -635,16 +634,22 @@ def _test(
     except BaseException as e:
         if tracker is not None:
             with contextlib.suppress(TrackingError):
-                tracker.close(_run_status(built.tracking, cfg, target.run_id))
-        if isinstance(e, USER_ERRORS) and not os.environ.get("HYDRA_FULL_ERROR"):
-            print(f"xp: error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
+                tracker.close(status)  # test= leaves the run's status as it found it
+        _exit_on_user_error(e)
         raise
     finally:
         built = trainer = None  # type: ignore[assignment]
         if strategy is not None:
             strategy.teardown()
         close_logger()
+
+
+def _exit_on_user_error(error: BaseException) -> None:
+    """A config or input error is one ``xp: error:`` line and exit status 1, no traceback
+    (``HYDRA_FULL_ERROR=1`` shows it)."""
+    if isinstance(error, USER_ERRORS) and not os.environ.get("HYDRA_FULL_ERROR"):
+        print(f"xp: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _checkpoint_to_test(target: ResumeTarget, which: Any, strategy: Strategy, spec: str) -> Path:
