@@ -190,6 +190,7 @@ class EpochLoader:
         self._index_batches = _IndexBatches()
         self._tensors: tuple[torch.Tensor, ...] | None = None
         self._loader: DataLoader | None = None
+        self._live: Iterator[Any] | None = None
         if isinstance(dataset, TensorDataset) and num_workers == 0:
             self._tensors = dataset.tensors
         else:
@@ -247,8 +248,16 @@ class EpochLoader:
         """Iterate this epoch's batches, beginning at batch ``start_batch``."""
         self._index_batches.start = start_batch
         if self._loader is not None:
-            return iter(self._loader)
+            self._live = iter(self._loader)
+            return self._live
         return self._slice_batches(start_batch)
+
+    def close(self) -> None:
+        """Shut down the worker processes of the current iteration, if any, now."""
+        live, self._live = self._live, None
+        shutdown = getattr(live, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def __iter__(self) -> Iterator[Any]:
         return self.iter_from(0)

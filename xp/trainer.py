@@ -287,48 +287,54 @@ class Trainer:
         validated_at = p.step if p.step else -1
         self._checkpointed_at = p.step if p.step else -1
 
-        while p.step < total:
-            loader.set_epoch(p.epoch)
-            optim.initialize_count_status(inner_count=p.batch_in_epoch, max_counts=len(loader))
-            model.train()
-            for batch in loader.iter_from(p.batch_in_epoch):
-                if to_device is not None:
-                    batch = to_device(batch)
-                values, samples = step_fn(model, module, batch, optim, skip_nonfinite)
-                if values is None:
-                    self._skipped += 1
-                else:
-                    window.add(values, samples)
-                p.batch_in_epoch += 1
-                if not custom and not optim.should_update():
-                    continue
-                p.step += 1
-                for schedule in self.schedules:
-                    schedule.step_iter()
-                if p.step % s.log_interval_steps == 0:
-                    self._log_train(p, bar)
-                if bar.enabled:
-                    bar.update(p.step)
-                if c.interval_steps and p.step % c.interval_steps == 0:
-                    self.save_checkpoint(p)
-                if self._stop_requested(p):
-                    self._stop(p, bar)
-                if p.step >= total:
-                    break
-            if p.batch_in_epoch >= len(loader):
-                for schedule in self.schedules:
-                    schedule.step_epoch()
-                p.epoch += 1
-                p.batch_in_epoch = 0
-                last = p.step >= total
-                if s.val_interval_epochs and (p.epoch % s.val_interval_epochs == 0 or last):
-                    self.validate(p)
-                    validated_at = p.step
-                every = c.interval_epochs
-                if every and (p.epoch % every == 0 or last) and self._checkpointed_at != p.step:
-                    self.save_checkpoint(p)
-                if self._stop_requested(p, collective=True):
-                    self._stop(p, bar)
+        try:
+            while p.step < total:
+                loader.set_epoch(p.epoch)
+                optim.initialize_count_status(inner_count=p.batch_in_epoch, max_counts=len(loader))
+                model.train()
+                for batch in loader.iter_from(p.batch_in_epoch):
+                    if to_device is not None:
+                        batch = to_device(batch)
+                    values, samples = step_fn(model, module, batch, optim, skip_nonfinite)
+                    if values is None:
+                        self._skipped += 1
+                    else:
+                        window.add(values, samples)
+                    p.batch_in_epoch += 1
+                    if not custom and not optim.should_update():
+                        continue
+                    p.step += 1
+                    for schedule in self.schedules:
+                        schedule.step_iter()
+                    if p.step % s.log_interval_steps == 0:
+                        self._log_train(p, bar)
+                    if bar.enabled:
+                        bar.update(p.step)
+                    if c.interval_steps and p.step % c.interval_steps == 0:
+                        self.save_checkpoint(p)
+                    if self._stop_requested(p):
+                        self._stop(p, bar)
+                    if p.step >= total:
+                        break
+                if p.batch_in_epoch >= len(loader):
+                    for schedule in self.schedules:
+                        schedule.step_epoch()
+                    p.epoch += 1
+                    p.batch_in_epoch = 0
+                    last = p.step >= total
+                    if s.val_interval_epochs and (p.epoch % s.val_interval_epochs == 0 or last):
+                        self.validate(p)
+                        validated_at = p.step
+                    every = c.interval_epochs
+                    if every and (p.epoch % every == 0 or last) and self._checkpointed_at != p.step:
+                        self.save_checkpoint(p)
+                    if self._stop_requested(p, collective=True):
+                        self._stop(p, bar)
+        except BaseException:
+            # Loader workers ignore stop signals (the run stops them); shut them down here, or
+            # the interpreter's exit would wait on them forever.
+            loader.close()
+            raise
         bar.close()
         if validated_at != p.step and s.val_interval_epochs:
             self.validate(p)
