@@ -38,8 +38,9 @@ class Metric:
         raise NotImplementedError
 
     def compute(self) -> float:
-        """The value over everything added since the last :meth:`reset`."""
-        raise NotImplementedError
+        """The value over everything added since the last :meth:`reset`: by default the
+        first sum over the second (a total over a count)."""
+        return self._ratio()
 
     def reset(self) -> None:
         self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.sums.device)
@@ -76,7 +77,15 @@ def _predictions(outputs: Tensor, targets: Tensor) -> Tensor:
     return outputs.argmax(dim=-1)
 
 
-class Accuracy(Metric):
+class _Classification(Metric):
+    """A metric of class predictions that may leave out targets equal to ``ignore_index``."""
+
+    def __init__(self, ignore_index: int | None = -100) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+
+
+class Accuracy(_Classification):
     """Share of correct class predictions over every counted target.
 
     Args:
@@ -84,10 +93,6 @@ class Accuracy(Metric):
     """
 
     names = ("correct", "seen")
-
-    def __init__(self, ignore_index: int | None = -100) -> None:
-        super().__init__()
-        self.ignore_index = ignore_index
 
     def update(self, outputs: Tensor, targets: Tensor) -> None:
         correct = _predictions(outputs, targets) == targets
@@ -99,11 +104,8 @@ class Accuracy(Metric):
             seen = torch.tensor(targets.numel(), device=targets.device)
         self._add(correct.sum(), seen)
 
-    def compute(self) -> float:
-        return self._ratio()
 
-
-class ExactMatch(Metric):
+class ExactMatch(_Classification):
     """Share of samples whose every counted position is predicted right (sequences).
 
     Args:
@@ -112,10 +114,6 @@ class ExactMatch(Metric):
 
     names = ("matched", "samples")
 
-    def __init__(self, ignore_index: int | None = -100) -> None:
-        super().__init__()
-        self.ignore_index = ignore_index
-
     def update(self, outputs: Tensor, targets: Tensor) -> None:
         correct = _predictions(outputs, targets) == targets
         kept = _kept(targets, self.ignore_index)
@@ -123,9 +121,6 @@ class ExactMatch(Metric):
             correct = correct | ~kept
         per_sample = correct.reshape(targets.shape[0], -1).all(dim=1)
         self._add(per_sample.sum(), torch.tensor(targets.shape[0], device=targets.device))
-
-    def compute(self) -> float:
-        return self._ratio()
 
 
 class _MeanError(Metric):
@@ -139,9 +134,6 @@ class _MeanError(Metric):
     def update(self, outputs: Tensor, targets: Tensor) -> None:
         diff = outputs.detach().float().reshape(targets.shape) - targets.float()
         self._add(self._error(diff).sum(), torch.tensor(diff.numel(), device=diff.device))
-
-    def compute(self) -> float:
-        return self._ratio()
 
 
 class MeanSquaredError(_MeanError):
