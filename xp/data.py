@@ -9,11 +9,16 @@ same index batches, so both paths yield identical batches.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib.util
 import math
 import random
+import signal
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing import util as _mp_util  # noqa: F401  (registers its exit hook before ours)
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,35 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, get_worker_info
 
-from xp.randomness import derive_seed, seed_worker
+from xp.randomness import WORKER_IGNORED_SIGNALS, derive_seed, seed_worker
+
+# Loaders whose iteration started worker processes. Stopped by an exception in the middle
+# of an epoch (a signal, a failing batch), an iteration keeps its workers, and since they
+# ignore SIGTERM, multiprocessing's exit hook would wait on them forever: xp's own hook,
+# registered after it and so run before it, shuts them down.
+_WITH_WORKERS: weakref.WeakSet[EpochLoader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_loaders() -> None:
+    for loader in list(_WITH_WORKERS):
+        loader.close()
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Hold back stop signals while workers fork.
+
+    A forked worker inherits the held signals and lets them go only after ignoring them
+    (``seed_worker``); a stop signal sent to the whole process group in between would
+    otherwise kill it, and the run would fail instead of saving and stopping. This process
+    takes its held signals as soon as the workers are started.
+    """
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @dataclass(frozen=True)
@@ -248,16 +281,27 @@ class EpochLoader:
         """Iterate this epoch's batches, beginning at batch ``start_batch``."""
         self._index_batches.start = start_batch
         if self._loader is not None:
-            self._live = iter(self._loader)
+            with _stop_signals_held():
+                self._live = iter(self._loader)
+            if self._loader.num_workers:
+                _WITH_WORKERS.add(self)
             return self._live
         return self._slice_batches(start_batch)
 
     def close(self) -> None:
-        """Shut down the worker processes of the current iteration, if any, now."""
+        """Shut down the worker processes of the current iteration, if any, now.
+
+        Workers ignore stop signals, so one that does not leave when asked is killed.
+        """
         live, self._live = self._live, None
         shutdown = getattr(live, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        if shutdown is None:
+            return
+        shutdown()
+        for worker in getattr(live, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
 
     def __iter__(self) -> Iterator[Any]:
         return self.iter_from(0)

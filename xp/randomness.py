@@ -82,6 +82,10 @@ def derive_seed(*parts: int) -> int:
     return int(seq.generate_state(1, dtype=np.uint32)[0] & 0x7FFFFFFF)
 
 
+# The stop signals a DataLoader worker leaves to the run's main process.
+WORKER_IGNORED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR1})
+
+
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seed python and numpy; leave stop signals to the run.
 
@@ -94,5 +98,8 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(worker_seed)
     # A stop signal meant for the run (Slurm signals every process of the job) must not kill
     # the workers mid-batch: the main process finishes its step, saves, and shuts them down.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # The loader forks workers with these signals blocked (xp.data), so one that arrives
+    # before this point waits, and is dropped once ignored.
+    for signum in WORKER_IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)

@@ -135,3 +135,51 @@ def test_digits_split() -> None:
         digits(val_fraction=1.5)
     with pytest.raises(ValueError, match="leave nothing to train on"):
         digits(val_fraction=0.5, test_fraction=0.5)
+
+
+def _stopped_before_seeding(worker_id: int) -> None:
+    """A worker's init that a SIGTERM to the process group reaches before it ignores it."""
+    import os
+    import signal
+
+    from xp.randomness import seed_worker
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    seed_worker(worker_id)
+
+
+def test_a_stop_signal_while_workers_start_leaves_them_running() -> None:
+    # Slurm and `kill -TERM -<pgid>` signal every process of the job; a worker that got the
+    # signal before ignoring it used to die, and the run failed instead of saving and stopping.
+    loader = EpochLoader(Wrapped(tensors(16)), batch_size=4, shuffle=False, seed=0, num_workers=2)
+    assert loader._loader is not None
+    loader._loader.worker_init_fn = _stopped_before_seeding
+    got = [b[1].tolist() for b in loader]
+    assert got == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+
+
+def test_a_process_left_in_mid_epoch_exits_without_waiting_on_its_workers(tmp_path) -> None:
+    # Workers ignore SIGTERM, which is how multiprocessing's exit hook stops them: a process
+    # that left an iteration unfinished (an exception mid-epoch) hung at exit forever.
+    import subprocess
+    import sys
+
+    script = tmp_path / "left.py"
+    script.write_text(
+        "import torch\n"
+        "from torch.utils.data import TensorDataset\n"
+        "from xp.data import EpochLoader\n"
+        "class Wrapped(torch.utils.data.Dataset):\n"
+        "    def __init__(self, n): self.base = TensorDataset(torch.arange(n))\n"
+        "    def __len__(self): return len(self.base)\n"
+        "    def __getitem__(self, i): return self.base[i]\n"
+        "loader = EpochLoader(Wrapped(64), batch_size=4, shuffle=True, seed=0, num_workers=2)\n"
+        "left = loader.iter_from(0)\n"
+        "next(left)\n"
+        "print('one batch', flush=True)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "one batch" in result.stdout
