@@ -256,6 +256,24 @@ def _no_mode(self: Any, config_name: str | None, overrides: list[str]) -> None:
     return None  # _run_app then takes RUN, or MULTIRUN for -m
 
 
+def _hide_schema_groups() -> None:
+    """``--help`` lists the groups a user picks from, not ``schema/*``, which holds the
+    typed schemas the options build on (``- /schema/optim/adamw@_here_``)."""
+    from hydra._internal.hydra import Hydra
+
+    listed = Hydra.format_config_groups
+    if getattr(listed, "__name__", "") != "format_config_groups":
+        return
+
+    def format_config_groups(self: Any, predicate: Any, compact: bool = True) -> str:
+        def shown(group: str) -> bool:
+            return predicate(group) and group.split("/")[0] != "schema"
+
+        return listed(self, shown, compact)
+
+    Hydra.format_config_groups = format_config_groups  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``xp`` command; returns its exit status."""
     args = _strip_legacy_local_rank(list(sys.argv[1:] if argv is None else argv))
@@ -289,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         args.append("hydra.output_subdir=null")
     sys.argv = [sys.argv[0], *args]
     _skip_mode_compose(args)
+    if "--help" in args or "-h" in args:
+        _hide_schema_groups()
     task()  # the objective it returns is for Hydra's sweepers, not the exit status
     from xp.sweep import exit_status
 

@@ -209,8 +209,11 @@ def test_help_lists_groups_and_options(xp) -> None:
         "scheduler: constant",
         "experiment: addition_transformer, digits_cnn, gan_2d",
         "task: classification, regression, sequence",
+        "python -m xp resume=<run id | auto | run dir>",
     ):
         assert line in result.stdout
+    # The typed schemas the options build on are not options to pick.
+    assert "schema" not in result.stdout.split("== Config ==")[0]
 
 
 def free_port() -> int:
