@@ -7,10 +7,12 @@ resumed run composes into its own run directory, from the config it was trained 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -28,6 +30,10 @@ TEST_ENV = "XP_TEST"
 
 class ResumeError(ValueError):
     """What was given to resume= or load_from= cannot be used; says what to do."""
+
+
+class RunInUse(ResumeError):
+    """The run is still training in a live process."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,76 @@ class ResumeTarget:
     def from_env(cls, variable: str = ENV) -> ResumeTarget | None:
         raw = os.environ.get(variable)
         return cls(**json.loads(raw)) if raw else None
+
+
+LOCK_FILE = ".xp-run.lock"
+"""In a run directory: locked by the process that trains the run, while it runs."""
+
+
+class RunDirLock:
+    """Who trains in a run directory: a lock its training process holds until it ends.
+
+    A run killed hard (``kill -9``, a lost node) leaves its MLflow status at RUNNING; the
+    lock, released by the kernel when the process dies, tells it apart from a live run, so
+    ``resume=`` refuses a run that is still training and ``resume=auto`` and re-run sweeps
+    pick up the dead ones. POSIX record locks (``lockf``): forked children (DataLoader
+    workers) do not inherit them, and NFS honours them.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Hold the lock.
+
+        Raises:
+            ResumeError: another live process holds it.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunInUse(_in_use(self.path.parent, holder)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
+
+    def holder(self) -> str | None:
+        """The live process that holds the lock ("pid N on HOST"), or None.
+
+        Not for a directory this process holds: closing the probe would release it.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:  # no lock file: no xp process has trained here since it was added
+            return None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)
+        return None
+
+    def dead(self) -> bool:
+        """Whether a process trained here and is gone: the lock file exists and is free."""
+        return self.path.is_file() and self.holder() is None
+
+
+def _in_use(run_dir: Path, holder: str) -> str:
+    return (
+        f"The run in {run_dir} is still training ({holder}); stop it first (Ctrl-C, or kill "
+        "-TERM that pid: it saves a checkpoint and stops), or wait for it to end, then resume."
+    )
 
 
 def _client(tracking_uri: str) -> Any:
@@ -188,6 +264,9 @@ def resolve(
         )
     else:
         checkpoint, run_dir = _from_path(Path(spec), key)
+    holder = RunDirLock(run_dir).holder() if key == "resume" else None
+    if holder is not None:
+        raise RunInUse(f"{key}={spec}: {_in_use(run_dir, holder)}")
     try:
         meta = _meta(checkpoint, run_dir)
     except CheckpointError as e:
@@ -229,6 +308,7 @@ def resolve_auto(*, tracking_uri: str, experiment_name: str | None, outputs: Pat
     job = os.environ.get("SLURM_JOB_ID")
     if job:
         runs = sorted(runs, key=lambda r: r.data.tags.get("xp.slurm_job_id") != job)
+    training: list[str] = []
     for candidate in runs:
         try:
             return resolve(
@@ -237,10 +317,13 @@ def resolve_auto(*, tracking_uri: str, experiment_name: str | None, outputs: Pat
                 experiment_name=name,
                 outputs=outputs,
             )
+        except RunInUse:
+            training.append(candidate.info.run_id)
         except ResumeError:
             continue
+    live = f" ({len(training)} still training: {', '.join(training)})" if training else ""
     raise ResumeError(
-        f"resume=auto: experiment {name!r} has no unfinished run with a checkpoint; "
+        f"resume=auto: experiment {name!r} has no stopped run with a checkpoint{live}; "
         "start a new run."
     )
 

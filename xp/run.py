@@ -43,12 +43,20 @@ from xp.config import (
     TrainerConfig,
 )
 from xp.data import Datasets, EpochLoader
-from xp.dist import infer_launcher
+from xp.dist import dist_info, infer_launcher
 from xp.env import git_info
 from xp.launch import launch_workers, port_in_use
 from xp.log import close_logger
 from xp.optim import OptimSpec
-from xp.resume import TEST_ENV, ResumeError, ResumeTarget, checkpoint_for_load
+from xp.resume import (
+    LOCK_FILE,
+    TEST_ENV,
+    ResumeError,
+    ResumeTarget,
+    RunDirLock,
+    RunInUse,
+    checkpoint_for_load,
+)
 from xp.scheduler import Phase
 from xp.strategy.base import Prepared, Strategy, TrainingLength
 from xp.task import ModelStepTask, SupervisedTask, task_for_model
@@ -505,6 +513,7 @@ def run(cfg: DictConfig) -> float | None:
         return _run_workers(cfg, log_dir, nproc, created_here)
     if tested is not None:
         return _test(cfg, tested, accepted, log_dir, allowed)
+    lock = _hold_run_dir(log_dir)
     tracker: MlflowTracker | None = None
     strategy: Strategy | None = None
     started = False
@@ -580,6 +589,25 @@ def run(cfg: DictConfig) -> float | None:
         if strategy is not None:
             strategy.teardown()
         close_logger()
+        if lock is not None:
+            lock.release()
+
+
+def _hold_run_dir(log_dir: Path) -> RunDirLock | None:
+    """The training process of rank 0 holds the run directory's lock while it runs.
+
+    Two processes training into one directory (``resume=`` of a run that still trains)
+    would interleave their checkpoints and metrics: the second stops here instead.
+    """
+    if dist_info(infer_launcher()).rank != 0:
+        return None
+    lock = RunDirLock(log_dir)
+    try:
+        lock.acquire()
+    except RunInUse as e:
+        print(f"xp: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return lock
 
 
 def _test(
@@ -831,7 +859,9 @@ def _finish_failed(
 
 def _fresh_run_dir(log_dir: Path) -> bool:
     """Whether the run dir holds nothing but what Hydra just wrote (so it is ours to remove)."""
-    return {p.name for p in log_dir.iterdir()} <= {".hydra"} if log_dir.is_dir() else False
+    if not log_dir.is_dir():
+        return False
+    return {p.name for p in log_dir.iterdir()} <= {".hydra", LOCK_FILE}
 
 
 def _remove_half_made_run_dir(log_dir: Path) -> None:

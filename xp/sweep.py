@@ -8,7 +8,8 @@ swept keys) travels in ``<sweep dir>/.xp_sweep.json``, and what the launching pr
 needs from the jobs (status, final metrics, run id) in ``<sweep dir>/.xp_jobs/<num>.json``.
 
 Re-running a sweep skips its jobs whose config already FINISHED in the experiment and
-resumes those that were KILLED. A config is identified by :func:`config_hash`, stored on
+resumes those that were stopped: KILLED, or left RUNNING by a process that died (its run
+directory's lock is free). A config is identified by :func:`config_hash`, stored on
 every run as the tag ``xp.config_hash``.
 
 This module imports neither torch nor mlflow at import time.
@@ -288,7 +289,7 @@ _PLAN: JobPlan | None = None
 
 
 def plan_job(cfg: DictConfig, log_dir: Path, target: ResumeTarget | None) -> JobPlan | None:
-    """Skip a job whose config FINISHED in the experiment; resume one that was KILLED.
+    """Skip a job whose config FINISHED in the experiment; resume one that was stopped.
 
     Called by ``xp.run.run`` before anything is built. Outside a multirun, with
     ``resume=`` given, with tracking off, or with ``sweep.fresh=true`` the job runs
@@ -335,7 +336,7 @@ def plan_job(cfg: DictConfig, log_dir: Path, target: ResumeTarget | None) -> Job
             flush=True,
         )
         return plan
-    if runs and runs[0].info.status == "KILLED":
+    if runs and _stopped(runs[0]):
         from xp.resume import ResumeError, resolve
 
         run = runs[0]
@@ -347,15 +348,34 @@ def plan_job(cfg: DictConfig, log_dir: Path, target: ResumeTarget | None) -> Job
                 outputs=_launch_dir() / "outputs",
             )
         except ResumeError as e:
-            plan.note = f"KILLED run {run.info.run_id} cannot resume ({e}); ran anew"
+            plan.note = f"{_stopped_label(run)} {run.info.run_id} cannot resume ({e}); ran anew"
             print(f"xp: {_job_label()}: {plan.note}.", file=sys.stderr, flush=True)
             return plan
         plan.previous_run_id = run.info.run_id
         plan.run_dir = plan.resume.run_dir
-        plan.note = f"resumed KILLED run {run.info.run_id} in {plan.resume.run_dir}"
+        plan.note = f"resumed {_stopped_label(run)} {run.info.run_id} in {plan.resume.run_dir}"
         _remove_fresh_dir(log_dir)
         print(f"xp: {_job_label()}: {plan.note}.", file=sys.stderr, flush=True)
     return plan
+
+
+def _stopped(run: Any) -> bool:
+    """KILLED, or RUNNING in MLflow while no process trains it (killed hard: ``kill -9``, a
+    lost node, a Slurm job past its time limit)."""
+    if run.info.status == "KILLED":
+        return True
+    if run.info.status != "RUNNING":
+        return False
+    from xp.resume import RunDirLock
+
+    run_dir = run.data.tags.get("xp.run_dir")
+    return bool(run_dir) and RunDirLock(Path(run_dir)).dead()
+
+
+def _stopped_label(run: Any) -> str:
+    if run.info.status == "KILLED":
+        return "KILLED run"
+    return "run left RUNNING by a process that is gone,"
 
 
 def _job_label() -> str:
@@ -365,7 +385,9 @@ def _job_label() -> str:
 
 def _remove_fresh_dir(log_dir: Path) -> None:
     """Hydra made the job's folder (only .hydra/ in it); nothing of the job goes there."""
-    if log_dir.is_dir() and {p.name for p in log_dir.iterdir()} <= {".hydra"}:
+    from xp.resume import LOCK_FILE
+
+    if log_dir.is_dir() and {p.name for p in log_dir.iterdir()} <= {".hydra", LOCK_FILE}:
         shutil.rmtree(log_dir, ignore_errors=True)
 
 

@@ -144,6 +144,43 @@ def test_kill_9_at_a_random_moment_then_resume_is_bit_exact(xp, workdir, store, 
     assert history(store, run.info.run_id) == expected_history
 
 
+def test_a_run_that_still_trains_is_not_resumed_twice(xp, workdir, store) -> None:
+    # Two processes training into one directory would interleave checkpoints and metrics.
+    log = workdir / "live.log"
+    with log.open("w") as out:  # not a pipe: nobody reads it while the run trains on
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xp", *RUN, "trainer.max_epochs=100000", "experiment_name=live"],
+            cwd=workdir,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    run_dir = wait_for_checkpoint(workdir, "live", proc)
+    deadline = time.monotonic() + 60
+    while store.get_experiment_by_name("live") is None or not store.search_runs(
+        [store.get_experiment_by_name("live").experiment_id]
+    ):
+        assert time.monotonic() < deadline, "the run never appeared in MLflow"
+        time.sleep(0.1)
+    run = the_run(store, "live")
+    try:
+        for spec in (run.info.run_id, str(run_dir), "auto"):
+            refused = xp(f"resume={spec}", "experiment_name=live")
+            assert refused.returncode == 1, refused.stderr[-3000:]
+            assert "still training" in refused.stderr, refused.stderr[-3000:]
+            assert f"pid {proc.pid}" in refused.stderr or run.info.run_id in refused.stderr
+        assert proc.poll() is None  # the live run was not disturbed
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    assert the_run(store, "live").info.status == "KILLED"
+    result = xp(f"resume={run.info.run_id}", "trainer.max_epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert the_run(store, "live").info.status == "FINISHED"
+
+
 def test_resume_after_the_run_directory_is_gone(xp, workdir, store, straight) -> None:
     proc = start(workdir, *RUN, "experiment_name=moved")
     run_dir = wait_for_checkpoint(workdir, "moved", proc)

@@ -341,7 +341,10 @@ def test_the_slurm_preset_requeues_and_warns_before_the_time_limit(xp, workdir: 
     assert "signal_delay_s: 120" in result.stdout
 
 
-def test_a_killed_job_resumes_when_the_sweep_runs_again(workdir: Path, store) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_a_killed_job_resumes_when_the_sweep_runs_again(workdir: Path, store, stop) -> None:
+    # SIGTERM: the job saves, its run is KILLED. kill -9: nobody can mark the run, it stays
+    # RUNNING, and its free run-directory lock tells the next sweep that its process is gone.
     args = ["-m", "trainer.max_steps=20,400", "tracking.flush_interval_s=0.2"]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "XP_TIMESTAMP")}
     process = subprocess.Popen(
@@ -358,13 +361,22 @@ def test_a_killed_job_resumes_when_the_sweep_runs_again(workdir: Path, store) ->
         assert process.poll() is None, process.communicate()[0][-3000:]
         assert time.monotonic() < deadline, "job #1 saved no checkpoint"
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     output = process.communicate(timeout=120)[0]
-    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    if stop == signal.SIGKILL:
+        assert process.returncode == -signal.SIGKILL
+        # The tracker's writer, a process of its own, may still be creating the run.
+        deadline = time.monotonic() + 60
+        while "trainer.max_steps=400" not in {c.info.run_name for c in sweep_runs(store)[1]}:
+            assert time.monotonic() < deadline, "the killed job's run never appeared in MLflow"
+            time.sleep(0.2)
+    else:
+        assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     (parent,), children = sweep_runs(store)
-    assert parent.info.status == "KILLED"
     killed = {c.info.run_name: c for c in children}["trainer.max_steps=400"]
-    assert killed.info.status == "KILLED"
+    expected = "KILLED" if stop == signal.SIGTERM else "RUNNING"
+    assert parent.info.status == expected
+    assert killed.info.status == expected
 
     again = subprocess.run(
         [sys.executable, "-m", "xp", *args],
@@ -376,7 +388,8 @@ def test_a_killed_job_resumes_when_the_sweep_runs_again(workdir: Path, store) ->
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "skipping job #0 (trainer.max_steps=20)" in again.stderr
-    assert f"resumed KILLED run {killed.info.run_id}" in again.stderr
+    how = "KILLED run" if stop == signal.SIGTERM else "run left RUNNING by a process that is gone,"
+    assert f"resumed {how} {killed.info.run_id}" in again.stderr
     resumed = store.get_run(killed.info.run_id)
     assert resumed.info.status == "FINISHED"
     assert resumed.data.tags["xp.run_dir"] == killed.data.tags["xp.run_dir"]  # its own dir
