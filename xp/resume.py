@@ -81,7 +81,7 @@ class RunDirLock:
         """Hold the lock.
 
         Raises:
-            ResumeError: another live process holds it.
+            RunInUse: another live process holds it.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
