@@ -54,7 +54,6 @@ from xp.resume import (
     ResumeError,
     ResumeTarget,
     RunDirLock,
-    RunInUse,
     checkpoint_for_load,
 )
 from xp.scheduler import Phase
@@ -513,12 +512,13 @@ def run(cfg: DictConfig) -> float | None:
         return _run_workers(cfg, log_dir, nproc, created_here)
     if tested is not None:
         return _test(cfg, tested, accepted, log_dir, allowed)
-    lock = _hold_run_dir(log_dir)
+    lock: RunDirLock | None = None
     tracker: MlflowTracker | None = None
     strategy: Strategy | None = None
     started = False
     try:
         check_targets(cfg, allowed=allowed, restored=target is not None)
+        lock = _hold_run_dir(log_dir)
         built = build(cfg, log_dir)
         strategy = built.strategy
         trainer = build_trainer(
@@ -602,11 +602,7 @@ def _hold_run_dir(log_dir: Path) -> RunDirLock | None:
     if dist_info(infer_launcher()).rank != 0:
         return None
     lock = RunDirLock(log_dir)
-    try:
-        lock.acquire()
-    except RunInUse as e:
-        print(f"xp: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    lock.acquire()  # RunInUse, a user error: printed as such
     return lock
 
 

@@ -181,6 +181,27 @@ def test_a_run_that_still_trains_is_not_resumed_twice(xp, workdir, store) -> Non
     assert the_run(store, "live").info.status == "FINISHED"
 
 
+def test_a_directory_another_process_trains_in_is_not_trained_into(xp, workdir) -> None:
+    # hydra.run.dir pointed at a live run: refused before anything is written there.
+    run_dir = workdir / "outputs" / "taken" / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from xp.resume import RunDirLock; RunDirLock(Path(sys.argv[1])).acquire(); "
+         "print('held', flush=True); time.sleep(120)", str(run_dir)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        result = xp(f"hydra.run.dir={run_dir}", "trainer.max_epochs=1")
+        assert result.returncode == 1
+        assert f"is still training (pid {holder.pid} on" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (run_dir / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_resume_after_the_run_directory_is_gone(xp, workdir, store, straight) -> None:
     proc = start(workdir, *RUN, "experiment_name=moved")
     run_dir = wait_for_checkpoint(workdir, "moved", proc)
