@@ -236,6 +236,24 @@ def _resume_arguments(args: list[str]) -> list[str]:
     ]
 
 
+# Hydra flags after which the command does not train here: it prints, or it sweeps (each
+# job starts its own tracker).
+_NO_TRAINING_FLAGS = ("-m", "--multirun", "-h", "--help", "--hydra-help", "-c", "--cfg",
+                      "-i", "--info", "-sc", "--shell-completion", "--version")  # fmt: skip
+
+
+def _trains_here(args: list[str]) -> bool:
+    """Whether this process will train a tracked run (as far as the command line tells)."""
+    if any(a in _NO_TRAINING_FLAGS or a.startswith("--shell-completion") for a in args):
+        return False
+    if {"tracking=off", "tracking.enabled=false", "tracking.enabled=False"} & set(args):
+        return False
+    nproc = _value(args, "strategy.nproc_per_node")
+    if nproc not in (None, "1") and "RANK" not in os.environ:
+        return False  # it starts the workers; rank 0 among them trains
+    return _rank() == 0
+
+
 def _skip_mode_compose(args: list[str]) -> None:
     """Spare Hydra a whole compose of the config made only to read ``hydra.mode``.
 
@@ -280,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     _prepare_environment()
     if args and args[0] in SUBCOMMANDS:
         return SUBCOMMANDS[args[0]](args[1:])
+    if _trains_here(args):
+        from xp.tracking import start_early_writer
+
+        start_early_writer()  # imports mlflow on another core while this process starts
     from xp.sweep import sweep_arguments
 
     try:

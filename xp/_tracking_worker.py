@@ -543,21 +543,52 @@ def _try(action: Callable[[], Any]) -> None:
         logging.getLogger(__name__).debug("clean-up step failed", exc_info=True)
 
 
+def _warm_up() -> None:
+    """Import what writing the run needs while the training process gets ready."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http:", "https:", "databricks")):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (a local store's)
+
+
+def _take_environ(environ: Mapping[str, str]) -> None:
+    """The training process's MLflow settings when its tracker started (an early writer
+    was started before the run's config could set them)."""
+    for name in [n for n in os.environ if n.startswith("MLFLOW_") and n not in environ]:
+        del os.environ[name]
+    os.environ.update(environ)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Serve one tracker: ``READ_FD WRITE_FD PARENT_PID``."""
-    read_fd, write_fd, parent_pid = (int(a) for a in (argv or sys.argv[1:]))
+    """Serve one tracker: ``READ_FD WRITE_FD PARENT_PID [--early]``.
+
+    ``--early``: started by :func:`xp.tracking.start_early_writer` before the run is known;
+    imports mlflow while it waits for the run's setup.
+    """
+    args = list(argv or sys.argv[1:])
+    early = "--early" in args
+    read_fd, write_fd, parent_pid = (int(a) for a in args if a != "--early")
     inbox = Connection(read_fd, writable=False)
     outbox = Connection(write_fd, readable=False)
+    if early:
+        _warm_up()
     try:
         kind, setup = inbox.recv()
     except (EOFError, OSError):
-        return 0  # the training process went away before it said anything
+        return 0  # the training process went away before it said anything (or never used it)
     assert kind == "setup", kind
+    _take_environ(setup.get("environ", {}))
     writer = _Writer(setup, outbox, parent_pid)
     threading.Thread(
         target=writer.read, args=(inbox,), name="xp-tracking-reader", daemon=True
     ).start()
-    return writer.run()
+    code = writer.run()
+    # Everything is written and reported: leave without the interpreter's teardown of
+    # mlflow and SQLAlchemy (half a second), which the training process would wait for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -200,6 +200,72 @@ class _Op:
     """Plain values that say what to write (``xp._tracking_worker._apply`` reads them)."""
 
 
+_WriterHandle = tuple["subprocess.Popen[bytes]", "Connection", "Connection"]
+"""A writer process, the pipe to it and the pipe from it."""
+
+_EARLY_WRITER: _WriterHandle | None = None
+
+
+def _spawn_writer(env: dict[str, str], *, early: bool = False) -> _WriterHandle:
+    """Start a writer: a fresh interpreter (never a fork of a torch-loaded process)."""
+    from multiprocessing import Pipe
+
+    writer_reads, to_writer = Pipe(duplex=False)
+    from_writer, writer_writes = Pipe(duplex=False)
+    fds = (writer_reads.fileno(), writer_writes.fileno())
+    # The writer finds this very xp, installed or not.
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)}
+    command = [sys.executable, "-m", "xp._tracking_worker", *map(str, fds), str(os.getpid())]
+    if early:
+        command.append("--early")
+    try:
+        # A session of its own: a Ctrl-C or a SIGTERM to the job's process group stops
+        # training, whose close() then ends the run; the writer leaves when its pipe
+        # closes (this process exited, however it died), after writing what it has.
+        process = subprocess.Popen(
+            command, pass_fds=fds, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+    except OSError as exc:
+        to_writer.close()
+        from_writer.close()
+        raise TrackingError(
+            f"The MLflow writer process could not start ({exc}); HINT: set "
+            "tracking.enabled=false to train without MLflow."
+        ) from exc
+    finally:
+        writer_reads.close()
+        writer_writes.close()
+    return process, to_writer, from_writer
+
+
+def start_early_writer() -> None:
+    """Start the writer of the run this process is about to train, before it knows the run.
+
+    ``python -m xp`` calls this first thing: the writer imports mlflow and its SQLAlchemy
+    store (2 s or so) on another core while this process composes the config and imports
+    torch, instead of after training, where the process would wait for it to finish. The
+    first :class:`MlflowTracker` started in this process takes it; one that is never
+    taken (a config with tracking off) leaves when this process exits.
+    """
+    global _EARLY_WRITER
+    if _EARLY_WRITER is None:
+        try:
+            _EARLY_WRITER = _spawn_writer(dict(os.environ), early=True)
+        except TrackingError:
+            return  # the tracker starts its own, and reports if that fails too
+
+
+def _take_early_writer() -> _WriterHandle | None:
+    global _EARLY_WRITER
+    writer, _EARLY_WRITER = _EARLY_WRITER, None
+    if writer is not None and writer[0].poll() is not None:  # it died: start another
+        writer[1].close()
+        writer[2].close()
+        return None
+    return writer
+
+
 class MlflowTracker:
     """Records one MLflow run through a writer process of its own.
 
@@ -253,6 +319,7 @@ class MlflowTracker:
         self._ops: collections.deque[_Op] = collections.deque()
 
         self._process: subprocess.Popen[bytes] | None = None
+        self._environ: dict[str, str] = {}
         self._to_writer: Connection | None = None
         self._from_writer: Connection | None = None
         self._sender: threading.Thread | None = None
@@ -307,6 +374,7 @@ class MlflowTracker:
             _check_server(self.tracking_uri)
             for name, value in _HTTP_RETRY_ENV.items():
                 env.setdefault(name, value)
+        self._environ = {k: v for k, v in env.items() if k.startswith("MLFLOW_")}
         self._launch(env)
         self._sender = threading.Thread(
             target=self._send_loop, name="xp-mlflow-sender", daemon=True
@@ -538,37 +606,15 @@ class MlflowTracker:
     # ------------------------------------------------------------------- background side
 
     def _launch(self, env: dict[str, str]) -> None:
-        """Start the writer: a fresh interpreter (never a fork of this torch-loaded process)."""
-        from multiprocessing import Pipe
-
-        writer_reads, to_writer = Pipe(duplex=False)
-        from_writer, writer_writes = Pipe(duplex=False)
-        fds = (writer_reads.fileno(), writer_writes.fileno())
-        # The writer finds this very xp, installed or not.
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        command = [sys.executable, "-m", "xp._tracking_worker", *map(str, fds), str(os.getpid())]
-        try:
-            # A session of its own: a Ctrl-C or a SIGTERM to the job's process group stops
-            # training, whose close() then ends the run; the writer leaves when its pipe
-            # closes (this process exited, however it died), after writing what it has.
-            self._process = subprocess.Popen(
-                command, pass_fds=fds, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-            )
-        except OSError as exc:
-            to_writer.close()
-            from_writer.close()
-            raise TrackingError(
-                f"The MLflow writer process could not start ({exc}); HINT: set "
-                "tracking.enabled=false to train without MLflow."
-            ) from exc
-        finally:
-            writer_reads.close()
-            writer_writes.close()
-        self._to_writer, self._from_writer = to_writer, from_writer
+        """Take the early writer of this process, if it started one, else start a writer."""
+        self._process, self._to_writer, self._from_writer = _take_early_writer() or _spawn_writer(
+            env
+        )
 
     def _setup(self) -> dict[str, Any]:
         return {
+            # An early writer started before these were known; it takes them from here.
+            "environ": self._environ,
             "tracking_uri": self.tracking_uri,
             "experiment_name": self.experiment_name,
             "run_name": self.run_name,

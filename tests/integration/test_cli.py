@@ -261,3 +261,32 @@ def test_ui_serves_the_runs_of_the_default_store(xp, workdir: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("args", "trains"),
+    [
+        ([], True),
+        (["optim=sgd", "trainer.max_epochs=3"], True),
+        (["resume=auto"], True),
+        (["--cfg", "job"], False),
+        (["--help"], False),
+        (["-m", "optim.lr=1e-3,3e-3"], False),  # each job starts its own tracker
+        (["tracking=off"], False),
+        (["strategy=ddp", "strategy.nproc_per_node=2"], False),  # the launcher does not train
+    ],
+)
+def test_the_early_mlflow_writer_starts_only_for_a_tracked_run_here(
+    args: list[str], trains: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xp.__main__ import _trains_here
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert _trains_here(args) is trains
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert _trains_here(args) is False  # only rank 0 writes the run

@@ -29,6 +29,7 @@ from xp.tracking import (
     default_artifact_location,
     default_tracking_uri,
     flatten_params,
+    start_early_writer,
 )
 
 FAST = TrackingConfig(flush_interval_s=0.05)
@@ -295,6 +296,56 @@ def test_writer_process_runs_without_torch_and_exits_on_close(
     assert not _alive(writer)
     assert writer_pids(os.getpid()) == []
     assert history(MlflowClient(mlflow_uri), tracker.run_id, "train/loss") == [(0, 1.0)]
+
+
+@needs_proc
+def test_an_early_writer_serves_the_first_run(
+    mlflow_uri: str, tmp_path: Path, log: logging.Logger
+) -> None:
+    # python -m xp starts it first thing, so mlflow is imported while torch is.
+    start_early_writer()
+    (early,) = writer_pids(os.getpid())
+    tracker = make_tracker(mlflow_uri, tmp_path, log)
+    tracker.start()
+    tracker.wait_ready(timeout=60)
+    assert writer_pids(os.getpid()) == [early]  # taken, not a second writer
+    for step in range(20):
+        tracker.log_metrics({"train/loss": float(step)}, step=step)
+    tracker.close()
+    assert not _alive(early)
+    client = MlflowClient(mlflow_uri)
+    assert history(client, tracker.run_id, "train/loss") == [(s, float(s)) for s in range(20)]
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
+UNUSED = """
+import os, sys
+from xp.tracking import start_early_writer
+start_early_writer()
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+"""
+
+
+@needs_proc
+def test_an_early_writer_never_used_leaves_with_its_process(tmp_path: Path) -> None:
+    # A config with tracking off never takes it: it must not linger.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", UNUSED], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        proc.stdout.readline()
+        (writer,) = writer_pids(proc.pid)
+        proc.stdin.write("exit\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0
+        deadline = time.monotonic() + 60
+        while _alive(writer):
+            assert time.monotonic() < deadline, "the unused writer outlived its process"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
 
 
 TRAINING = """
