@@ -37,13 +37,14 @@ LOOP_ARGS = ["-m", "benchmarks.loop", "--steps", str(STEP), "--warmup", "50",
              "--mark-step", str(STEP)]  # fmt: skip
 
 
-def _xp_tracked(work: Workdir) -> float:
+def _xp_tracked(work: Workdir, exits: list[float]) -> float:
     launch = work.fresh()
     start = time.time()
     subprocess.run(
         [sys.executable, "-m", "xp", *XP_ARGS],
         cwd=launch, env=env(), capture_output=True, text=True, check=True, timeout=600,
     )  # fmt: skip
+    exits.append(time.time() - start)
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{(launch / 'outputs' / 'mlflow.db').as_posix()}")
@@ -72,9 +73,11 @@ def _xp_untracked(work: Workdir) -> float:
     return seen[0] - start
 
 
-def _plain() -> float:
+def _plain(exits: list[float]) -> float:
     start = time.time()
-    return float(run_json(LOOP_ARGS)["mark_time"]) - start
+    mark = float(run_json(LOOP_ARGS)["mark_time"])
+    exits.append(time.time() - start)
+    return mark - start
 
 
 def _import_log(args: list[str], cwd: Path) -> tuple[float, str]:
@@ -123,16 +126,18 @@ def _slowest(top: list[tuple[float, str]], n: int = 5) -> str:
 def measure(rounds: int, quick: bool) -> dict[str, Any]:
     """Seconds from launch to the end of step 100: xp (``xp``) and the loop (``baseline``)."""
     work = Workdir()
+    exits: dict[str, list[float]] = {"xp": [], "baseline": []}
     try:
         results: dict[str, Any] = interleave(
             rounds,
             {
-                "xp": partial(_xp_tracked, work),
+                "xp": partial(_xp_tracked, work, exits["xp"]),
                 "xp_untracked": partial(_xp_untracked, work),
-                "baseline": _plain,
+                "baseline": partial(_plain, exits["baseline"]),
             },
             parallel=quick,
         )
+        results["exits"] = exits
         results["cfg_job"] = _cfg_job(work)
         if not quick:
             _, xp_log = _import_log(["-m", "xp", *XP_ARGS], work.fresh())
@@ -146,9 +151,12 @@ def measure(rounds: int, quick: bool) -> dict[str, Any]:
 
 def note(results: dict[str, Any]) -> str:
     job = results["cfg_job"]
+    exits = results["exits"]
     text = (
         f"without MLflow (`tracking=off`) xp reached step {STEP} after "
-        f"{statistics.median(results['xp_untracked']):.2f} s (median). `python -m xp --cfg "
+        f"{statistics.median(results['xp_untracked']):.2f} s (median). Launch to the end of "
+        f"the process, MLflow run closed: xp {statistics.median(exits['xp']):.2f} s, the loop "
+        f"{statistics.median(exits['baseline']):.2f} s (median). `python -m xp --cfg "
         f"job`: {job['seconds']:.2f} s under `-X importtime`, {job['import_s']:.2f} s of "
         f"imports; imports torch: {'YES' if job['torch'] else 'no'}, mlflow: "
         f"{'YES' if job['mlflow'] else 'no'}."
