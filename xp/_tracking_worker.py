@@ -574,6 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     if early:
         _warm_up()
     try:
+        # A forked child of the training process (a data loader worker) may hold the pipe
+        # open after the training process is gone: the parent pid tells.
+        while not inbox.poll(_POLL_S):
+            if os.getppid() != parent_pid:
+                return 0
         kind, setup = inbox.recv()
     except (EOFError, OSError):
         return 0  # the training process went away before it said anything (or never used it)

@@ -64,6 +64,7 @@ from xp.tracking import (
     TrackingError,
     default_artifact_location,
     default_tracking_uri,
+    drop_early_writer,
     flatten_params,
 )
 from xp.trainer import Trainer, TrainingStopped, training_length
@@ -251,6 +252,7 @@ def build_tracker(
     accepted: Mapping[str, Any] | None = None,
 ) -> MlflowTracker | None:
     if not settings.enabled or not strategy.is_main_process:
+        drop_early_writer()  # the config turned tracking off: it is not needed
         return None
     uri = settings.tracking_uri or default_tracking_uri(launch_dir())
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []

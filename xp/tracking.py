@@ -256,6 +256,16 @@ def start_early_writer() -> None:
             return  # the tracker starts its own, and reports if that fails too
 
 
+def drop_early_writer() -> None:
+    """Let the early writer go unused (tracking is off): it leaves once its pipe closes."""
+    writer = _take_early_writer()
+    if writer is not None:
+        writer[1].close()
+        writer[2].close()
+        # Reaped when it has gone, not left a zombie.
+        threading.Thread(target=writer[0].wait, name="xp-mlflow-reaper", daemon=True).start()
+
+
 def _take_early_writer() -> _WriterHandle | None:
     global _EARLY_WRITER
     writer, _EARLY_WRITER = _EARLY_WRITER, None

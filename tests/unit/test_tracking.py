@@ -28,6 +28,7 @@ from xp.tracking import (
     TrackingError,
     default_artifact_location,
     default_tracking_uri,
+    drop_early_writer,
     flatten_params,
     start_early_writer,
 )
@@ -316,6 +317,18 @@ def test_an_early_writer_serves_the_first_run(
     client = MlflowClient(mlflow_uri)
     assert history(client, tracker.run_id, "train/loss") == [(s, float(s)) for s in range(20)]
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
+@needs_proc
+def test_an_early_writer_leaves_when_the_config_turns_tracking_off() -> None:
+    start_early_writer()
+    (early,) = writer_pids(os.getpid())
+    drop_early_writer()  # what xp.run does for tracking.enabled=false
+    deadline = time.monotonic() + 60
+    while _alive(early):
+        assert time.monotonic() < deadline, "the dropped writer is still there"
+        time.sleep(0.1)
+    assert writer_pids(os.getpid()) == []
 
 
 UNUSED = """
