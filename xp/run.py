@@ -511,6 +511,7 @@ def run(cfg: DictConfig) -> float | None:
         raise SystemExit(1)
     nproc = int(cfg.strategy.get("nproc_per_node", 1))
     if infer_launcher() is Launcher.none and nproc != 1:
+        drop_early_writer()  # the workers start their own; this process does not track
         return _run_workers(cfg, log_dir, nproc, created_here)
     if tested is not None:
         return _test(cfg, tested, accepted, log_dir, allowed)
