@@ -85,12 +85,10 @@ class RunDirLock:
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+        holder = _lock_or_holder(fd)
+        if holder is not None:
             os.close(fd)
-            raise RunInUse(_in_use(self.path.parent, holder)) from None
+            raise RunInUse(_in_use(self.path.parent, holder))
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
@@ -110,16 +108,22 @@ class RunDirLock:
         except OSError:  # no lock file: no xp process has trained here since it was added
             return None
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+            return _lock_or_holder(fd)
         finally:
-            os.close(fd)
-        return None
+            os.close(fd)  # releases the probe's lock, if it got it
 
     def dead(self) -> bool:
         """Whether a process trained here and is gone: the lock file exists and is free."""
         return self.path.is_file() and self.holder() is None
+
+
+def _lock_or_holder(fd: int) -> str | None:
+    """Lock the open lock file; None when locked, else who holds it ("pid N on HOST")."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+    return None
 
 
 def _in_use(run_dir: Path, holder: str) -> str:

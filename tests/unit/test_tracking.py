@@ -278,6 +278,13 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def wait_gone(pid: int, message: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid):
+        assert time.monotonic() < deadline, message
+        time.sleep(0.1)
+
+
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 
 
@@ -324,10 +331,7 @@ def test_an_early_writer_leaves_when_the_config_turns_tracking_off() -> None:
     start_early_writer()
     (early,) = writer_pids(os.getpid())
     drop_early_writer()  # what xp.run does for tracking.enabled=false
-    deadline = time.monotonic() + 60
-    while _alive(early):
-        assert time.monotonic() < deadline, "the dropped writer is still there"
-        time.sleep(0.1)
+    wait_gone(early, "the dropped writer is still there")
     assert writer_pids(os.getpid()) == []
 
 
@@ -353,10 +357,7 @@ def test_an_early_writer_never_used_leaves_with_its_process(tmp_path: Path) -> N
         proc.stdin.write("exit\n")
         proc.stdin.flush()
         assert proc.wait(timeout=60) == 0
-        deadline = time.monotonic() + 60
-        while _alive(writer):
-            assert time.monotonic() < deadline, "the unused writer outlived its process"
-            time.sleep(0.1)
+        wait_gone(writer, "the unused writer outlived its process")
     finally:
         proc.kill()
 
@@ -451,10 +452,7 @@ def test_killed_training_leaves_no_writer_and_keeps_what_it_handed_over(
         finally:
             lock.execute("ROLLBACK")
             lock.close()
-        deadline = time.monotonic() + 60
-        while _alive(writer):
-            assert time.monotonic() < deadline, "the writer outlived its training process"
-            time.sleep(0.1)
+        wait_gone(writer, "the writer outlived its training process")
     finally:
         proc.kill()
     client = MlflowClient(mlflow_uri)
