@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xp.log import say
+
 CONF_DIR = next(
     p for p in (Path(__file__).parent / "conf", Path(__file__).parent.parent / "conf") if p.is_dir()
 )
@@ -103,7 +105,7 @@ def _ui(argv: list[str]) -> int:
 
     uri = args.tracking_uri or default_tracking_uri(Path(os.environ["XP_LAUNCH_DIR"]))
     if not uri.startswith("sqlite:") and "://" in uri and not uri.startswith("file:"):
-        print(f"xp ui: runs live on the server {uri}; open it in a browser instead.")
+        say(f"xp ui: runs live on the server {uri}; open it in a browser instead.")
         return 0
     cmd = [
         sys.executable, "-m", "mlflow", "ui",
@@ -111,7 +113,7 @@ def _ui(argv: list[str]) -> int:
         "--host", args.host,
         "--port", str(args.port),
     ]  # fmt: skip
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)")
+    say(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)")
     try:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
@@ -184,7 +186,7 @@ def _resume_arguments(args: list[str]) -> list[str]:
     spec = _value(args, "resume")
     test = _value(args, "test")
     if spec is not None and test is not None:
-        print(
+        say(
             "xp: error: resume= and test= were both given; resume trains on, test= only "
             "evaluates. Give one of them.",
             file=sys.stderr,
@@ -211,7 +213,7 @@ def _resume_arguments(args: list[str]) -> list[str]:
             key=key,
         )
     except ResumeError as e:
-        print(f"xp: error: {e}", file=sys.stderr)
+        say(f"xp: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     os.environ[TEST_ENV if key == "test" else ENV] = target.to_env()
     os.environ["XP_TIMESTAMP"] = Path(target.run_dir).name
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = sweep_arguments(args)  # a sweep that cannot start fails before Hydra composes
     except ValueError as e:
-        print(f"xp: error: {e}", file=sys.stderr)
+        say(f"xp: error: {e}", file=sys.stderr)
         return 1
     args = _resume_arguments(args)
 

@@ -16,6 +16,7 @@ from datetime import timedelta
 
 from xp.config import Launcher
 from xp.dist import dist_info, infer_launcher
+from xp.log import say
 
 _KEY = "xp/timestamp"
 
@@ -89,13 +90,11 @@ def launch_workers(nproc_per_node: int, master_port: int | None, argv: list[str]
         elastic_launch(config, entrypoint=sys.executable)("-m", "xp", *argv)
     except ChildFailedError as e:
         failures = ", ".join(f"rank {r} exit {f.exitcode}" for r, f in sorted(e.failures.items()))
-        print(f"xp: workers failed ({failures}); see their messages above.", file=sys.stderr)
+        say(f"xp: workers failed ({failures}); see their messages above.", file=sys.stderr)
         return 1
     except SignalException as e:
         # The agent passed the signal on; the workers saved a checkpoint and stopped.
-        print(
-            f"xp: stopped by {e.sigval.name}; the workers saved where they were.", file=sys.stderr
-        )
+        say(f"xp: stopped by {e.sigval.name}; the workers saved where they were.", file=sys.stderr)
         return 128 + int(e.sigval)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TextIO
 
 LOGGER_NAME = "xp"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -44,3 +45,15 @@ def close_logger() -> None:
         handler.flush()
         logger.removeHandler(handler)
         handler.close()
+
+
+def say(line: str, *, file: TextIO | None = None) -> None:
+    """Write ``line`` and its newline in one write, then flush.
+
+    ``print`` writes the text and the newline separately, and under ``python -u`` (or
+    PYTHONUNBUFFERED) each goes straight to the file: two ranks sharing one terminal or
+    pipe then splice their lines together. One write of a line is not split.
+    """
+    stream = sys.stdout if file is None else file
+    stream.write(line + "\n")
+    stream.flush()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from xp.checkpoint import Checkpointer, CheckpointError, is_complete
+from xp.log import say
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 ENV = "XP_RESUME"
@@ -168,7 +169,7 @@ def _latest_in(run_dir: Path) -> Path | None:
             and (latest is None or p.name.lstrip(".") > latest.name)
         )
         if newer:
-            print(
+            say(
                 f"xp: skipping incomplete checkpoint(s) {newer} in {folder} (a save was cut "
                 f"short); resuming from {latest.name if latest else 'nothing'}.",
                 file=sys.stderr,

@@ -46,7 +46,7 @@ from xp.data import Datasets, EpochLoader
 from xp.dist import dist_info, infer_launcher
 from xp.env import git_info
 from xp.launch import launch_workers, port_in_use
-from xp.log import close_logger
+from xp.log import close_logger, say
 from xp.optim import OptimSpec
 from xp.resume import (
     LOCK_FILE,
@@ -500,10 +500,10 @@ def run(cfg: DictConfig) -> float | None:
         try:
             cfg, accepted = restore_config(cfg, target)
         except ResumeError as e:
-            print(f"xp: error: {e}", file=sys.stderr)
+            say(f"xp: error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
     elif cfg.get("test"):
-        print(
+        say(
             f"xp: error: test={cfg.test} was not resolved to a run; give it on the command line "
             "(python -m xp test=<run id | run directory | checkpoint>).",
             file=sys.stderr,
@@ -565,10 +565,9 @@ def run(cfg: DictConfig) -> float | None:
         strategy.logger.info(
             "Done: %s", ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
         )
-        print(
+        say(
             f"xp: rank {strategy.rank}/{strategy.world_size} finished; "
-            f"log_dir {log_dir}; MLflow run {run_id}",
-            flush=True,
+            f"log_dir {log_dir}; MLflow run {run_id}"
         )
         objective = metrics.get(built.trainer.objective)
         return None if objective is None else float(objective)
@@ -655,7 +654,7 @@ def _test(
             step,
             ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())),
         )
-        print(f"xp: tested {checkpoint} on the test split; MLflow run {run_id}", flush=True)
+        say(f"xp: tested {checkpoint} on the test split; MLflow run {run_id}")
         objective = metrics.get("test/" + built.trainer.objective.split("/", 1)[-1])
         return None if objective is None else float(objective)
     except BaseException as e:
@@ -675,7 +674,7 @@ def _exit_on_user_error(error: BaseException) -> None:
     """A config or input error is one ``xp: error:`` line and exit status 1, no traceback
     (``HYDRA_FULL_ERROR=1`` shows it)."""
     if isinstance(error, USER_ERRORS) and not os.environ.get("HYDRA_FULL_ERROR"):
-        print(f"xp: error: {error}", file=sys.stderr)
+        say(f"xp: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -771,7 +770,7 @@ def _run_workers(cfg: DictConfig, log_dir: Path, nproc: int, created_here: bool)
     if nproc < 1:
         if created_here:
             _remove_half_made_run_dir(log_dir)
-        print(
+        say(
             f"xp: error: strategy.nproc_per_node={nproc} must be >= 1 (the number of worker "
             "processes on this machine).",
             file=sys.stderr,
@@ -781,7 +780,7 @@ def _run_workers(cfg: DictConfig, log_dir: Path, nproc: int, created_here: bool)
     if port is not None and port_in_use(int(port)):
         if created_here:
             _remove_half_made_run_dir(log_dir)
-        print(
+        say(
             f"xp: error: strategy.master_port={port} is already in use on this machine; pick "
             "another port, or null for a free one.",
             file=sys.stderr,
@@ -853,7 +852,7 @@ def _finish_failed(
                     tracker.log_artifact(strategy.log_dir / name)
         tracker.close(status, error=error)
     except TrackingError as e:
-        print(f"xp: could not record the run's end in MLflow: {e}", file=sys.stderr)
+        say(f"xp: could not record the run's end in MLflow: {e}", file=sys.stderr)
 
 
 def _fresh_run_dir(log_dir: Path) -> bool:

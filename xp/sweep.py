@@ -42,6 +42,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from xp.log import say
 from xp.tracking import default_artifact_location, default_tracking_uri, flatten_params
 
 if TYPE_CHECKING:
@@ -329,11 +330,10 @@ def plan_job(cfg: DictConfig, log_dir: Path, target: ResumeTarget | None) -> Job
         plan.objective = None if value is None else float(value)
         plan.note = "FINISHED before (sweep.fresh=true reruns it)"
         _remove_fresh_dir(log_dir)
-        print(
+        say(
             f"xp: skipping {_job_label()}: it FINISHED before as run {run.info.run_id}; "
             "sweep.fresh=true reruns it.",
             file=sys.stderr,
-            flush=True,
         )
         return plan
     if runs and _stopped(runs[0]):
@@ -349,13 +349,13 @@ def plan_job(cfg: DictConfig, log_dir: Path, target: ResumeTarget | None) -> Job
             )
         except ResumeError as e:
             plan.note = f"{_stopped_label(run)} {run.info.run_id} cannot resume ({e}); ran anew"
-            print(f"xp: {_job_label()}: {plan.note}.", file=sys.stderr, flush=True)
+            say(f"xp: {_job_label()}: {plan.note}.", file=sys.stderr)
             return plan
         plan.previous_run_id = run.info.run_id
         plan.run_dir = plan.resume.run_dir
         plan.note = f"resumed {_stopped_label(run)} {run.info.run_id} in {plan.resume.run_dir}"
         _remove_fresh_dir(log_dir)
-        print(f"xp: {_job_label()}: {plan.note}.", file=sys.stderr, flush=True)
+        say(f"xp: {_job_label()}: {plan.note}.", file=sys.stderr)
     return plan
 
 
@@ -591,7 +591,7 @@ class SweepCallback(Callback):
         sweeper = str(config.hydra.sweeper.get("_target_", ""))
         _check_sweeper_direction(config, objective, direction)
         if os.environ.pop("MLFLOW_RUN_ID", None):
-            print(
+            say(
                 "xp: MLFLOW_RUN_ID is ignored in a sweep: every job records its own child run "
                 "under the sweep's parent run.",
                 file=sys.stderr,
@@ -639,13 +639,13 @@ class SweepCallback(Callback):
         if failed or status != "FINISHED":
             _EXIT_STATUS = 1
         table = write_summary(Path(info.sweep_dir), records, info.objective, info.direction)
-        print(table, flush=True)
+        say(table)
         if info.parent_run_id is None:
             return
         try:
             _close_parent(info, records, "FAILED" if failed and status == "FINISHED" else status)
         except Exception as e:  # the summary files stay in the sweep directory
-            print(
+            say(
                 f"xp: could not record the sweep's summary on parent run {info.parent_run_id} "
                 f"in {info.tracking_uri}: {e}; it is in {info.sweep_dir}.",
                 file=sys.stderr,
@@ -672,7 +672,7 @@ class SweepCallback(Callback):
         except SystemExit:
             raise
         except Exception as e:
-            print(f"xp: could not record job #{config.hydra.job.num}: {e}", file=sys.stderr)
+            say(f"xp: could not record job #{config.hydra.job.num}: {e}", file=sys.stderr)
 
     def _record_job(self, config: DictConfig, job_return: JobReturn) -> None:
         global _PLAN
@@ -721,7 +721,7 @@ class SweepCallback(Callback):
             record.status = "FAILED"
             record.note = error.strip().splitlines()[0]
             if not misconfigured:
-                print(f"xp: job #{num} ({name}) FAILED: {record.note}", file=sys.stderr, flush=True)
+                say(f"xp: job #{num} ({name}) FAILED: {record.note}", file=sys.stderr)
         if info.tracking_uri and record.run_id is None:
             record.run_id = _child_run_id(info, num, name, config, plan, error)
             if record.status == "FAILED" and not record.metrics and record.run_id:
@@ -729,7 +729,7 @@ class SweepCallback(Callback):
         record.save(info.sweep_dir)
         if misconfigured:
             # Every later trial would fail the same way: stop the sweep now.
-            print(f"xp: error: {error}", file=sys.stderr, flush=True)
+            say(f"xp: error: {error}", file=sys.stderr)
             raise SystemExit(1)
         if error is not None:
             # A grid sweep carries on past a failed job (Hydra's basic sweeper would raise
@@ -750,7 +750,7 @@ def _forward_to_sigusr1(signum: int, frame: Any) -> None:
 
 
 def _fail(message: str) -> None:
-    print(f"xp: error: {message}", file=sys.stderr, flush=True)
+    say(f"xp: error: {message}", file=sys.stderr)
     raise SystemExit(1)
 
 
