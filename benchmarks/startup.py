@@ -81,11 +81,15 @@ def _plain(exits: list[float]) -> float:
 
 
 def _import_log(args: list[str], cwd: Path) -> tuple[float, str]:
-    """Wall seconds of ``python -X importtime ARGS`` and its import log."""
+    """Wall seconds of ``python -X importtime ARGS`` and its import log.
+
+    ``XP_FORK=0``: one process, so one log of everything xp imports (forked, ``python -m
+    xp`` imports torch in a child while Hydra composes in the parent; xp/prefork.py).
+    """
     start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-X", "importtime", *args],
-        cwd=cwd, env=env(), capture_output=True, text=True, timeout=600,
+        cwd=cwd, env=env(XP_FORK="0"), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"python {' '.join(args)} failed:\n{out.stderr[-3000:]}")

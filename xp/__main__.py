@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,36 @@ def _trains_here(args: list[str]) -> bool:
     return _rank() == 0
 
 
+def _forks_training(args: list[str]) -> bool:
+    """Whether to train in a process forked now, which imports torch while Hydra composes.
+
+    Only for one process training here: not a sweep, a print-and-exit flag, a launcher's
+    worker or the launcher of several, nor ``resume=``/``test=`` (they import torch before
+    Hydra to find the run). See :mod:`xp.prefork`.
+    """
+    from xp.prefork import enabled
+
+    if not enabled() or "RANK" in os.environ or "LOCAL_RANK" in os.environ:
+        return False
+    if any(a in _NO_TRAINING_FLAGS or a.startswith("--shell-completion") for a in args):
+        return False
+    if _value(args, "resume") is not None or _value(args, "test") is not None:
+        return False
+    return _value(args, "strategy.nproc_per_node") in (None, "1") and _rank() == 0
+
+
+def _prepare_training(tracked: bool) -> None:
+    """In the forked training process, while the parent composes: what training imports."""
+    if tracked:
+        from xp.tracking import start_early_writer
+
+        start_early_writer()  # imports mlflow on the other core
+    _register_resolvers()
+    import torch._dynamo  # noqa: F401  (torch.optim's first optimizer imports it anyway)
+
+    import xp.run  # noqa: F401
+
+
 def _skip_mode_compose(args: list[str]) -> None:
     """Spare Hydra a whole compose of the config made only to read ``hydra.mode``.
 
@@ -300,7 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     _prepare_environment()
     if args and args[0] in SUBCOMMANDS:
         return SUBCOMMANDS[args[0]](args[1:])
-    if _trains_here(args):
+    training = None
+    if argv is None and _forks_training(args):
+        from xp.prefork import fork_training
+        from xp.sweep import run_task
+
+        # The child imports torch while this process composes; it never returns here.
+        training = fork_training(partial(_prepare_training, _trains_here(args)), run_task)
+    elif _trains_here(args):
         from xp.tracking import start_early_writer
 
         start_early_writer()  # imports mlflow on another core while this process starts
@@ -322,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def task(cfg: Any) -> float | None:
+        if training is not None:
+            return training.train(cfg, sys.argv)
         from xp.sweep import run_task
 
         return run_task(cfg)  # xp.run.run; in a sweep, a failed job does not end the sweep

@@ -20,6 +20,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from xp.dist import Launcher
+
 
 class Device(str, Enum):
     """Where a single-device run puts the model."""
@@ -27,15 +29,6 @@ class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
-
-
-class Launcher(str, Enum):
-    """How the processes of a run were started (mmengine's launcher names)."""
-
-    none = "none"
-    pytorch = "pytorch"
-    slurm = "slurm"
-    mpi = "mpi"
 
 
 class StartMethod(str, Enum):

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import Enum
 
-from xp.config import Launcher
+
+class Launcher(str, Enum):
+    """How the processes of a run were started (mmengine's launcher names).
+
+    Here, not in :mod:`xp.config`, so telling the rank needs no Hydra import.
+    """
+
+    none = "none"
+    pytorch = "pytorch"
+    slurm = "slurm"
+    mpi = "mpi"
 
 
 @dataclass(frozen=True)

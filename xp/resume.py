@@ -15,6 +15,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -99,19 +100,26 @@ class RunDirLock:
         if fd is not None:
             os.close(fd)  # closing releases the lock
 
-    def holder(self) -> str | None:
+    def holder(self, wait_s: float = 0.0) -> str | None:
         """The live process that holds the lock ("pid N on HOST"), or None.
 
+        ``wait_s`` gives a holder that is being killed time to go: ``kill -9`` of
+        ``python -m xp`` kills its training process (:mod:`xp.prefork`) a moment later.
         Not for a directory this process holds: closing the probe would release it.
         """
-        try:
-            fd = os.open(self.path, os.O_RDWR)
-        except OSError:  # no lock file: no xp process has trained here since it was added
-            return None
-        try:
-            return _lock_or_holder(fd)
-        finally:
-            os.close(fd)  # releases the probe's lock, if it got it
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR)
+            except OSError:  # no lock file: no xp process has trained here since it was added
+                return None
+            try:
+                holder = _lock_or_holder(fd)
+            finally:
+                os.close(fd)  # releases the probe's lock, if it got it
+            if holder is None or time.monotonic() >= deadline:
+                return holder
+            time.sleep(0.05)
 
     def dead(self) -> bool:
         """Whether a process trained here and is gone: the lock file exists and is free."""
@@ -269,7 +277,7 @@ def resolve(
         )
     else:
         checkpoint, run_dir = _from_path(Path(spec), key)
-    holder = RunDirLock(run_dir).holder() if key == "resume" else None
+    holder = RunDirLock(run_dir).holder(wait_s=2.0) if key == "resume" else None
     if holder is not None:
         raise RunInUse(f"{key}={spec}: {_in_use(run_dir, holder)}")
     try:

@@ -709,13 +709,19 @@ def _run_status(settings: TrackingConfig, cfg: DictConfig, run_id: str | None) -
 def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
     """SIGTERM, SIGINT and SIGUSR1 (Slurm's warning) stop after the current step.
 
-    A second Ctrl-C interrupts at once.
+    A second Ctrl-C interrupts at once; a SIGTERM beside a Ctrl-C (``python -m xp``'s
+    parent passes a SIGINT sent to the process group on as SIGTERM) does not.
     """
     stops = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
 
+    interrupts = 0
+
     def handler(signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and trainer._stop_signal is not None:
-            raise KeyboardInterrupt
+        nonlocal interrupts
+        if signum == signal.SIGINT:
+            interrupts += 1
+            if interrupts > 1:
+                raise KeyboardInterrupt
         trainer.request_stop(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in stops}

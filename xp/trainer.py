@@ -346,8 +346,12 @@ class Trainer:
     # ------------------------------------------------------------------ stopping
 
     def request_stop(self, signum: int) -> None:
-        """Ask the loop to save and stop after the current optimizer step (signal-safe)."""
-        self._stop_signal = signum
+        """Ask the loop to save and stop after the current optimizer step (signal-safe).
+
+        The first signal is the one the run reports; more only repeat the request.
+        """
+        if self._stop_signal is None:
+            self._stop_signal = signum
 
     def _stop_requested(self, p: Progress, *, collective: bool = False) -> bool:
         """Whether to stop now; every rank decides alike.

@@ -1,0 +1,168 @@
+"""``python -m xp`` trains in a child forked before Hydra composes (xp/prefork.py).
+
+The process a user starts must still behave as the run: signals sent to it stop the
+training with a checkpoint, a terminal's Ctrl-C stops it once, ``kill -9`` leaves no
+orphan training on, and its exit status is the training's.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ENDLESS = ["trainer.max_epochs=100000", "tracking=off", "checkpoint.interval_epochs=1"]
+
+
+def _start(
+    workdir: Path, *args: str, env: dict[str, str] | None = None, **popen: object
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "xp", *ENDLESS, *args],
+        cwd=workdir,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,  # type: ignore[call-overload]
+    )
+
+
+def _training_pid(workdir: Path, timeout: float = 120) -> int:
+    """The pid in the run's lock once the run has validated (and so saved) once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        logs = list((workdir / "outputs" / "default").glob("*/*.log"))
+        if logs and "val/acc" in logs[0].read_text():
+            (lock,) = (workdir / "outputs" / "default").glob("*/.xp-run.lock")
+            return int(lock.read_text().split()[1])
+        time.sleep(0.1)
+    pytest.fail("the run never validated")
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _checkpoints(workdir: Path) -> list[Path]:
+    return sorted((workdir / "outputs" / "default").glob("*/checkpoints/*.pt"))
+
+
+def test_kill_9_of_the_command_ends_its_training(workdir: Path) -> None:
+    proc = _start(workdir)
+    try:
+        child = _training_pid(workdir)
+        assert child != proc.pid  # the training runs in the forked child...
+        assert Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)
+        proc.kill()
+        proc.wait(timeout=30)
+        assert _gone(child), "the training process outlived the command killed with -9"
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize(
+    ("send", "status", "reason"),
+    [
+        pytest.param(lambda p: p.send_signal(signal.SIGTERM), 143, "SIGTERM", id="sigterm"),
+        pytest.param(lambda p: p.send_signal(signal.SIGUSR1), 138, "SIGUSR1", id="sigusr1"),
+        # Sent to the process group, both processes get it; the parent passes it on as
+        # SIGTERM, which must not count as a second Ctrl-C.
+        pytest.param(
+            lambda p: os.killpg(p.pid, signal.SIGINT), 130, "SIGINT", id="sigint-to-the-group"
+        ),
+    ],
+)
+def test_a_stop_signal_to_the_command_saves_and_stops(workdir: Path, send, status, reason) -> None:
+    proc = _start(workdir, start_new_session=True)
+    try:
+        _training_pid(workdir)
+        saved = _checkpoints(workdir)
+        send(proc)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == status, err[-2000:]
+    assert f"Stopped by {reason} at step" in err
+    assert len(_checkpoints(workdir)) > len(saved)  # it saved where it stopped
+
+
+def test_ctrl_c_at_a_terminal_saves_and_stops_once(workdir: Path) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: python -m xp on a terminal of its own
+        os.chdir(workdir)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        os.execve(sys.executable, [sys.executable, "-m", "xp", *ENDLESS], env)
+    output: list[bytes] = []
+
+    def drain() -> None:  # a terminal nobody reads blocks the writer once its buffer fills
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the terminal closed: the command ended
+                return
+            if not chunk:
+                return
+            output.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        _training_pid(workdir)
+        saved = _checkpoints(workdir)
+        os.write(fd, b"\x03")  # Ctrl-C: the terminal signals its foreground process group
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reader.join(timeout=10)
+    finally:
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    text = b"".join(output).decode(errors="replace")
+    assert done[0] == pid, "Ctrl-C did not stop the run"
+    assert os.waitstatus_to_exitcode(done[1]) == 130, text[-2000:]
+    assert "Stopped by SIGINT at step" in text
+    assert "KeyboardInterrupt" not in text
+    assert len(_checkpoints(workdir)) > len(saved)
+
+
+def test_a_training_process_killed_on_its_own_is_reported(workdir: Path) -> None:
+    proc = _start(workdir)
+    try:
+        child = _training_pid(workdir)
+        os.kill(child, signal.SIGKILL)  # as the kernel's OOM killer would
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 137
+    assert f"the training process (pid {child}) was killed by SIGKILL" in err
+    assert "resume=auto" in err
+
+
+def test_xp_fork_0_trains_in_the_command_itself(workdir: Path) -> None:
+    proc = _start(workdir, env={"XP_FORK": "0"})
+    try:
+        assert _training_pid(workdir) == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]

@@ -1,0 +1,185 @@
+"""``python -m xp`` trains in a process forked before Hydra composes.
+
+A run starts with two long jobs, one after the other: Hydra imports, registers the
+schemas and composes the config (0.3-0.4 s on 2 cores); then torch and the training stack
+import (about 2 s, with the ``torch._dynamo`` that ``torch.optim`` pulls in). Neither
+needs the other until the config is ready, so ``python -m xp`` forks first thing: the
+child imports the training stack while the parent composes, then takes the composed
+config (and Hydra's own, the environment, the working directory) over a pipe and trains.
+
+The parent is the process the user started, and it stands for the child:
+
+- a stop signal sent to it (``kill -TERM <pid>``, a supervisor, a test harness) reaches
+  the child: SIGTERM and SIGUSR1 as they are, SIGINT as SIGTERM, because whoever signals
+  the process group sends the child a SIGINT of its own, and a second SIGINT interrupts
+  without saving. Ctrl-C at a terminal reaches both processes; the parent leaves it to
+  the child;
+- its exit status is the child's (128 + the signal, if a signal ended it);
+- the child dies with it (``PR_SET_PDEATHSIG``): ``kill -9`` of the command ends the
+  training, as it did when one process did everything.
+
+Not forked: sweeps, ``--cfg``/``--help``, a launcher's workers, ``resume=``/``test=``
+(they import torch to find the run before Hydra composes), platforms other than Linux,
+and ``XP_FORK=0`` (one process, e.g. for a profiler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+ENV = "XP_FORK"
+"""Set to 0 to compose and train in one process."""
+
+_STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+_FORWARDED_AS = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1,
+                 signal.SIGINT: signal.SIGTERM}  # fmt: skip
+_SI_KERNEL = 0x80  # si_code of a signal the kernel sent: a terminal's Ctrl-C
+_PR_SET_PDEATHSIG = 1
+
+
+def enabled() -> bool:
+    return sys.platform == "linux" and os.environ.get(ENV, "1") != "0"
+
+
+class TrainingProcess:
+    """The parent's side: hands the composed config over and waits for the training."""
+
+    def __init__(self, pid: int, to_child: int, from_child: int) -> None:
+        self.pid = pid
+        self._to_child = to_child
+        self._from_child = from_child
+
+    def train(self, cfg: Any, argv: list[str]) -> float | None:
+        """Train ``cfg`` in the child; its objective, or SystemExit with its exit status.
+
+        Called inside Hydra's job (the task function), with the job's config in force.
+        """
+        from hydra.core.hydra_config import HydraConfig
+
+        payload = pickle.dumps(
+            {
+                "cfg": cfg,
+                "hydra": HydraConfig.instance().cfg,
+                "environ": dict(os.environ),
+                "cwd": os.getcwd(),
+                "argv": argv,
+            }
+        )
+        # A thread writes, so a payload larger than the pipe never keeps this process from
+        # passing signals on while the child is still importing.
+        writer = threading.Thread(target=_write_all, args=(self._to_child, payload), daemon=True)
+        writer.start()
+        status = self._wait()
+        writer.join(timeout=5)
+        with os.fdopen(self._from_child, "rb") as pipe:
+            result = pipe.read()
+        if status != 0:
+            raise SystemExit(status)
+        return pickle.loads(result) if result else None
+
+    def _wait(self) -> int:
+        """Pass stop signals on until the child ends; its exit status (128 + signal)."""
+        # The signals stay held after: this process has only Hydra's end of the job left,
+        # and the child's status is what it exits with.
+        watched = {*_STOPS, signal.SIGCHLD}
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                break
+            info = signal.sigtimedwait(watched, 1.0)
+            if info is None or info.si_signo == signal.SIGCHLD:
+                continue
+            if info.si_signo == signal.SIGINT and info.si_code == _SI_KERNEL:
+                continue  # a terminal's Ctrl-C: the child got its own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, _FORWARDED_AS[signal.Signals(info.si_signo)])
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:
+            name = signal.Signals(-code).name
+            if -code not in _STOPS:
+                print(
+                    f"xp: the training process (pid {self.pid}) was killed by {name}; the "
+                    "run resumes from its last checkpoint (python -m xp resume=auto).",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return 128 - code
+        return code
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    try:
+        with os.fdopen(fd, "wb") as pipe:
+            pipe.write(data)
+    except BrokenPipeError:
+        pass  # the child is gone; its exit status says why
+
+
+def fork_training(
+    prepare: Callable[[], None], train: Callable[[Any], float | None]
+) -> TrainingProcess:
+    """Fork the training process; in the parent, its handle.
+
+    The child runs ``prepare()`` (imports, resolvers) while the parent composes, waits for
+    the parent's :meth:`TrainingProcess.train`, runs ``train(cfg)`` and leaves with
+    SystemExit, so it never returns from here; interpreter exit (atexit hooks included)
+    happens as in any process. If the parent ends without handing a config over (Hydra
+    refused the command line), the child leaves without a word.
+    """
+    to_child_r, to_child_w = os.pipe()
+    from_child_r, from_child_w = os.pipe()
+    parent = os.getpid()
+    forked_with = set(os.environ)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(to_child_r)
+        os.close(from_child_w)
+        # Held until the wait: one sent while Hydra composes is passed on then.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {*_STOPS, signal.SIGCHLD})
+        return TrainingProcess(pid, to_child_w, from_child_r)
+    os.close(to_child_w)
+    os.close(from_child_r)
+    _die_with(parent)
+    prepare()
+    with os.fdopen(to_child_r, "rb") as pipe:
+        raw = pipe.read()
+    if not raw:
+        os._exit(0)
+    handed: dict[str, Any] = pickle.loads(raw)
+    _take_over(handed, forked_with)
+    result = train(handed["cfg"])
+    with os.fdopen(from_child_w, "wb") as pipe:
+        pipe.write(pickle.dumps(result))
+    raise SystemExit(0)
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL this process when the parent dies, as if it were the parent itself."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
+def _take_over(handed: dict[str, Any], forked_with: set[str]) -> None:
+    """Become the job the parent's Hydra set up: environment, directory, Hydra's config."""
+    from hydra.core.hydra_config import HydraConfig
+
+    environ = handed["environ"]
+    for key in forked_with - set(environ):  # what the parent unset since the fork
+        os.environ.pop(key, None)
+    os.environ.update(environ)
+    os.chdir(handed["cwd"])
+    sys.argv = handed["argv"]
+    HydraConfig.instance().set_config(handed["hydra"])
