@@ -360,8 +360,15 @@ def main(argv: list[str] | None = None) -> int:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def task(cfg: Any) -> float | None:
+        nonlocal training
         if training is not None:
-            return training.train(cfg, sys.argv)
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                return training.train(cfg, sys.argv)
+            training.cancel()  # hydra.mode=MULTIRUN in a config file: the jobs train here
+            training = None
         from xp.sweep import run_task
 
         return run_task(cfg)  # xp.run.run; in a sweep, a failed job does not end the sweep

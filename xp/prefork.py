@@ -34,6 +34,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from xp.log import say
+
 ENV = "XP_FORK"
 """Set to 0 to compose and train in one process."""
 
@@ -78,11 +80,19 @@ class TrainingProcess:
         writer.start()
         status = self._wait()
         writer.join(timeout=5)
-        with os.fdopen(self._from_child, "rb") as pipe:
-            result = pipe.read()
+        result = _read_ready(self._from_child)
         if status != 0:
             raise SystemExit(status)
         return pickle.loads(result) if result else None
+
+    def cancel(self) -> None:
+        """End the child unused (the command turned out to be a sweep); signals act here again."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        os.close(self._to_child)
+        os.close(self._from_child)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {*_STOPS, signal.SIGCHLD})
 
     def _wait(self) -> int:
         """Pass stop signals on until the child ends; its exit status (128 + signal)."""
@@ -104,14 +114,28 @@ class TrainingProcess:
         if code < 0:
             name = signal.Signals(-code).name
             if -code not in _STOPS:
-                print(
+                say(
                     f"xp: the training process (pid {self.pid}) was killed by {name}; the "
                     "run resumes from its last checkpoint (python -m xp resume=auto).",
                     file=sys.stderr,
-                    flush=True,
                 )
             return 128 - code
         return code
+
+
+def _read_ready(fd: int) -> bytes:
+    """What the ended child left in the pipe: read without waiting for EOF, since its
+    forked DataLoader workers may hold the write end a moment longer."""
+    os.set_blocking(fd, False)
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -166,3 +166,41 @@ def test_xp_fork_0_trains_in_the_command_itself(workdir: Path) -> None:
     finally:
         proc.kill()
     assert proc.returncode == 143, err[-2000:]
+
+
+def test_a_sweep_asked_for_by_hydra_mode_trains_every_job(xp, workdir: Path) -> None:
+    # Not -m on the command line, so the command forks, then Hydra turns out to sweep:
+    # the child is let go and every job trains in the sweeping process.
+    result = xp("hydra.mode=MULTIRUN", "trainer.max_epochs=1", "optim.lr=0.01,0.02", "tracking=off")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list((workdir / "outputs" / "default" / "multirun").glob("*/*/checkpoints"))) == 2
+    assert result.stdout.count("FINISHED") == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "forks"),
+    [
+        ([], True),
+        (["optim=sgd", "tracking=off"], True),
+        (["resume=auto"], False),  # finds the run (torch) before Hydra composes
+        (["test=outputs/default/x"], False),
+        (["--cfg", "job"], False),
+        (["-m", "optim.lr=1e-3,3e-3"], False),
+        (["strategy=ddp", "strategy.nproc_per_node=2"], False),  # the launcher
+    ],
+)
+def test_which_commands_fork_their_training(
+    args: list[str], forks: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xp.__main__ import _forks_training
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "XP_FORK"):
+        monkeypatch.delenv(name, raising=False)
+    assert _forks_training(args) is forks
+    monkeypatch.setenv("XP_FORK", "0")
+    assert _forks_training(args) is False
+    monkeypatch.delenv("XP_FORK")
+    monkeypatch.setenv("RANK", "0")  # a torchrun worker
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _forks_training(args) is False
