@@ -275,12 +275,13 @@ def _forks_training(args: list[str]) -> bool:
     return _value(args, "strategy.nproc_per_node") in (None, "1") and _rank() == 0
 
 
-def _prepare_training(tracked: bool) -> None:
+def _prepare_training(tracked: bool, composed_fd: int) -> None:
     """In the forked training process, while the parent composes: what training imports."""
     if tracked:
         from xp.tracking import start_early_writer
 
-        start_early_writer()  # imports mlflow on the other core
+        # It imports mlflow on the other core once the parent has composed.
+        start_early_writer(after_fd=composed_fd)
     _register_resolvers()
     import torch._dynamo  # noqa: F401  (torch.optim's first optimizer imports it anyway)
 

@@ -561,16 +561,23 @@ def _take_environ(environ: Mapping[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve one tracker: ``READ_FD WRITE_FD PARENT_PID [--early]``.
+    """Serve one tracker: ``READ_FD WRITE_FD PARENT_PID [--early] [--after-fd=FD]``.
 
     ``--early``: started by :func:`xp.tracking.start_early_writer` before the run is known;
-    imports mlflow while it waits for the run's setup.
+    imports mlflow while it waits for the run's setup. ``--after-fd``: first waits for FD
+    to read end-of-file.
     """
     args = list(argv or sys.argv[1:])
     early = "--early" in args
-    read_fd, write_fd, parent_pid = (int(a) for a in args if a != "--early")
+    after = [int(a.split("=", 1)[1]) for a in args if a.startswith("--after-fd=")]
+    read_fd, write_fd, parent_pid = (int(a) for a in args if not a.startswith("--"))
     inbox = Connection(read_fd, writable=False)
     outbox = Connection(write_fd, readable=False)
+    for fd in after:  # the go-ahead: end-of-file once xp's parent process has composed
+        with contextlib.suppress(OSError):
+            while os.read(fd, 4096):
+                pass
+        os.close(fd)
     if early:
         _warm_up()
     try:

@@ -53,10 +53,11 @@ def enabled() -> bool:
 class TrainingProcess:
     """The parent's side: hands the composed config over and waits for the training."""
 
-    def __init__(self, pid: int, to_child: int, from_child: int) -> None:
+    def __init__(self, pid: int, to_child: int, from_child: int, composed: int) -> None:
         self.pid = pid
         self._to_child = to_child
         self._from_child = from_child
+        self._composed = composed
 
     def train(self, cfg: Any, argv: list[str]) -> float | None:
         """Train ``cfg`` in the child; its objective, or SystemExit with its exit status.
@@ -65,6 +66,7 @@ class TrainingProcess:
         """
         from hydra.core.hydra_config import HydraConfig
 
+        os.close(self._composed)
         payload = pickle.dumps(
             {
                 "cfg": cfg,
@@ -90,6 +92,7 @@ class TrainingProcess:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
         os.waitpid(self.pid, 0)
+        os.close(self._composed)
         os.close(self._to_child)
         os.close(self._from_child)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {*_STOPS, signal.SIGCHLD})
@@ -147,11 +150,14 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def fork_training(
-    prepare: Callable[[], None], train: Callable[[Any], float | None]
+    prepare: Callable[[int], None], train: Callable[[Any], float | None]
 ) -> TrainingProcess:
     """Fork the training process; in the parent, its handle.
 
-    The child runs ``prepare()`` (imports, resolvers) while the parent composes, waits for
+    The child runs ``prepare(composed_fd)`` (imports, resolvers) while the parent
+    composes; ``composed_fd`` reads end-of-file once the parent has composed (or gone), for
+    work that would only slow the parent down before (the MLflow writer's imports: three
+    busy processes on two cores). The child then waits for
     the parent's :meth:`TrainingProcess.train`, runs ``train(cfg)`` and leaves with
     SystemExit, so it never returns from here; interpreter exit (atexit hooks included)
     happens as in any process. If the parent ends without handing a config over (Hydra
@@ -159,6 +165,7 @@ def fork_training(
     """
     to_child_r, to_child_w = os.pipe()
     from_child_r, from_child_w = os.pipe()
+    composed_r, composed_w = os.pipe()
     parent = os.getpid()
     forked_with = set(os.environ)
     sys.stdout.flush()
@@ -167,13 +174,16 @@ def fork_training(
     if pid:
         os.close(to_child_r)
         os.close(from_child_w)
+        os.close(composed_r)
         # Held until the wait: one sent while Hydra composes is passed on then.
         signal.pthread_sigmask(signal.SIG_BLOCK, {*_STOPS, signal.SIGCHLD})
-        return TrainingProcess(pid, to_child_w, from_child_r)
+        return TrainingProcess(pid, to_child_w, from_child_r, composed_w)
     os.close(to_child_w)
     os.close(from_child_r)
+    os.close(composed_w)
     _die_with(parent)
-    prepare()
+    prepare(composed_r)
+    os.close(composed_r)
     with os.fdopen(to_child_r, "rb") as pipe:
         raw = pipe.read()
     if not raw:

@@ -206,25 +206,33 @@ _WriterHandle = tuple["subprocess.Popen[bytes]", "Connection", "Connection"]
 _EARLY_WRITER: _WriterHandle | None = None
 
 
-def _spawn_writer(env: dict[str, str], *, early: bool = False) -> _WriterHandle:
-    """Start a writer: a fresh interpreter (never a fork of a torch-loaded process)."""
+def _spawn_writer(
+    env: dict[str, str], *, early: bool = False, after_fd: int | None = None
+) -> _WriterHandle:
+    """Start a writer: a fresh interpreter (never a fork of a torch-loaded process).
+
+    ``after_fd``: an early writer waits for it to read end-of-file before it imports.
+    """
     from multiprocessing import Pipe
 
     writer_reads, to_writer = Pipe(duplex=False)
     from_writer, writer_writes = Pipe(duplex=False)
     fds = (writer_reads.fileno(), writer_writes.fileno())
+    passed = fds if after_fd is None else (*fds, after_fd)
     # The writer finds this very xp, installed or not.
     root = str(Path(__file__).resolve().parent.parent)
     env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)}
     command = [sys.executable, "-m", "xp._tracking_worker", *map(str, fds), str(os.getpid())]
     if early:
         command.append("--early")
+    if after_fd is not None:
+        command.append(f"--after-fd={after_fd}")
     try:
         # A session of its own: a Ctrl-C or a SIGTERM to the job's process group stops
         # training, whose close() then ends the run; the writer leaves when its pipe
         # closes (this process exited, however it died), after writing what it has.
         process = subprocess.Popen(
-            command, pass_fds=fds, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            command, pass_fds=passed, stdin=subprocess.DEVNULL, env=env, start_new_session=True
         )
     except OSError as exc:
         to_writer.close()
@@ -239,19 +247,21 @@ def _spawn_writer(env: dict[str, str], *, early: bool = False) -> _WriterHandle:
     return process, to_writer, from_writer
 
 
-def start_early_writer() -> None:
+def start_early_writer(after_fd: int | None = None) -> None:
     """Start the writer of the run this process is about to train, before it knows the run.
 
     ``python -m xp`` calls this first thing: the writer imports mlflow and its SQLAlchemy
     store (2 s or so) on another core while this process composes the config and imports
     torch, instead of after training, where the process would wait for it to finish. The
     first :class:`MlflowTracker` started in this process takes it; one that is never
-    taken (a config with tracking off) leaves when this process exits.
+    taken (a config with tracking off) leaves when this process exits. With ``after_fd``
+    it starts importing once that descriptor reads end-of-file (:mod:`xp.prefork`: once the
+    parent process has composed the config).
     """
     global _EARLY_WRITER
     if _EARLY_WRITER is None:
         try:
-            _EARLY_WRITER = _spawn_writer(dict(os.environ), early=True)
+            _EARLY_WRITER = _spawn_writer(dict(os.environ), early=True, after_fd=after_fd)
         except TrackingError:
             return  # the tracker starts its own, and reports if that fails too
 
