@@ -578,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
             while os.read(fd, 4096):
                 pass
         os.close(fd)
+        if os.getppid() != parent_pid:
+            return 0  # the command ended before it trained (Hydra refused it)
     if early:
         _warm_up()
     try:

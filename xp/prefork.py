@@ -46,6 +46,19 @@ _SI_KERNEL = 0x80  # si_code of a signal the kernel sent: a terminal's Ctrl-C
 _PR_SET_PDEATHSIG = 1
 
 
+_COMMAND_PID: int | None = None
+"""In the forked training process: the pid of the command it trains for."""
+
+
+_HYDRA_SETUP: tuple[str, Any] | None = None
+"""In the forked training process: the parent Hydra's task name and config search path."""
+
+
+def command_pid() -> int | None:
+    """The pid of ``python -m xp`` when this process is its forked training process."""
+    return _COMMAND_PID
+
+
 def enabled() -> bool:
     return sys.platform == "linux" and os.environ.get(ENV, "1") != "0"
 
@@ -64,13 +77,19 @@ class TrainingProcess:
 
         Called inside Hydra's job (the task function), with the job's config in force.
         """
+        from hydra.core.global_hydra import GlobalHydra
         from hydra.core.hydra_config import HydraConfig
+        from hydra.core.utils import JobRuntime
 
         os.close(self._composed)
+        hydra = GlobalHydra.instance().hydra
         payload = pickle.dumps(
             {
                 "cfg": cfg,
                 "hydra": HydraConfig.instance().cfg,
+                # For the Hydra API in the child (hydra.compose: resume's config check).
+                "search_path": hydra.config_loader.get_search_path() if hydra else None,
+                "task_name": JobRuntime.instance().get("name"),
                 "environ": dict(os.environ),
                 "cwd": os.getcwd(),
                 "argv": argv,
@@ -181,6 +200,8 @@ def fork_training(
     os.close(to_child_w)
     os.close(from_child_r)
     os.close(composed_w)
+    global _COMMAND_PID
+    _COMMAND_PID = parent
     _die_with(parent)
     prepare(composed_r)
     os.close(composed_r)
@@ -207,7 +228,8 @@ def _die_with(parent: int) -> None:
 
 
 def _take_over(handed: dict[str, Any], forked_with: set[str]) -> None:
-    """Become the job the parent's Hydra set up: environment, directory, Hydra's config."""
+    """Become the job the parent's Hydra set up: environment, directory, Hydra's config
+    (:func:`initialize_hydra` sets up the rest, for ``hydra.compose``)."""
     from hydra.core.hydra_config import HydraConfig
 
     environ = handed["environ"]
@@ -216,4 +238,28 @@ def _take_over(handed: dict[str, Any], forked_with: set[str]) -> None:
     os.environ.update(environ)
     os.chdir(handed["cwd"])
     sys.argv = handed["argv"]
+    global _HYDRA_SETUP
+    if handed["search_path"] is not None:
+        _HYDRA_SETUP = (handed["task_name"], handed["search_path"])
     HydraConfig.instance().set_config(handed["hydra"])
+
+
+def initialize_hydra() -> None:
+    """In the forked training process, initialize Hydra as the parent's was (same config
+    search path), for ``hydra.compose``; a no-op anywhere else or when done.
+
+    Not done at hand-over: Hydra's plugin discovery imports every installed plugin (the
+    sweepers and launchers), which most runs never need.
+    """
+    global _HYDRA_SETUP
+    from hydra.core.global_hydra import GlobalHydra
+
+    if _HYDRA_SETUP is None or GlobalHydra.instance().is_initialized():
+        return
+    from hydra._internal.hydra import Hydra
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # registers the config sources (file://, pkg://) among others
+    task_name, search_path = _HYDRA_SETUP
+    Hydra.create_main_hydra2(task_name, search_path)
+    _HYDRA_SETUP = None

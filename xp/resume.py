@@ -92,7 +92,7 @@ class RunDirLock:
             os.close(fd)
             raise RunInUse(_in_use(self.path.parent, holder))
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.pwrite(fd, f"{_who()}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
@@ -124,6 +124,16 @@ class RunDirLock:
     def dead(self) -> bool:
         """Whether a process trained here and is gone: the lock file exists and is free."""
         return self.path.is_file() and self.holder() is None
+
+
+def _who() -> str:
+    """This process as a lock holder: "pid N on HOST", N being the command a user started."""
+    from xp.prefork import command_pid
+
+    command = command_pid()
+    if command is None:
+        return f"pid {os.getpid()} on {socket.gethostname()}"
+    return f"pid {command} on {socket.gethostname()}, training in pid {os.getpid()}"
 
 
 def _lock_or_holder(fd: int) -> str | None:

@@ -337,6 +337,11 @@ def restore_config(cfg: DictConfig, target: ResumeTarget) -> tuple[DictConfig, d
     import yaml
     from hydra import compose
 
+    from xp.config import register_schemas
+    from xp.prefork import initialize_hydra
+
+    initialize_hydra()  # in a forked training process (xp/prefork.py), as in its parent
+    register_schemas()
     saved = _flat(yaml.safe_load(_saved_config(target)) or {})
     from xp.__main__ import choice_overrides
 

@@ -37,13 +37,14 @@ def _start(
 
 
 def _training_pid(workdir: Path, timeout: float = 120) -> int:
-    """The pid in the run's lock once the run has validated (and so saved) once."""
+    """The training process's pid, from the run's lock, once the run has validated."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         logs = list((workdir / "outputs" / "default").glob("*/*.log"))
         if logs and "val/acc" in logs[0].read_text():
             (lock,) = (workdir / "outputs" / "default").glob("*/.xp-run.lock")
-            return int(lock.read_text().split()[1])
+            # "pid <command> on <host>, training in pid <child>", or "pid <pid> on <host>"
+            return int(re.findall(r"pid (\d+)", lock.read_text())[-1])
         time.sleep(0.1)
     pytest.fail("the run never validated")
 
@@ -72,6 +73,8 @@ def test_kill_9_of_the_command_ends_its_training(workdir: Path) -> None:
     try:
         child = _training_pid(workdir)
         assert child != proc.pid  # the training runs in the forked child...
+        (lock,) = (workdir / "outputs" / "default").glob("*/.xp-run.lock")
+        assert lock.read_text().startswith(f"pid {proc.pid} on ")  # named by the command
         assert Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)
         proc.kill()
         proc.wait(timeout=30)
