@@ -288,6 +288,12 @@ def _prepare_training(tracked: bool, composed_fd: int) -> None:
     import xp.run  # noqa: F401
 
 
+def _run_task(cfg: Any) -> float | None:
+    from xp.sweep import run_task  # imports hydra: not before the fork
+
+    return run_task(cfg)
+
+
 def _skip_mode_compose(args: list[str]) -> None:
     """Spare Hydra a whole compose of the config made only to read ``hydra.mode``.
 
@@ -335,10 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     training = None
     if argv is None and _forks_training(args):
         from xp.prefork import fork_training
-        from xp.sweep import run_task
 
         # The child imports torch while this process composes; it never returns here.
-        training = fork_training(partial(_prepare_training, _trains_here(args)), run_task)
+        training = fork_training(partial(_prepare_training, _trains_here(args)), _run_task)
     elif _trains_here(args):
         from xp.tracking import start_early_writer
 

@@ -14,8 +14,7 @@ import uuid
 from collections.abc import Callable
 from datetime import timedelta
 
-from xp.config import Launcher
-from xp.dist import dist_info, infer_launcher
+from xp.dist import Launcher, dist_info, infer_launcher
 from xp.log import say
 
 _KEY = "xp/timestamp"
