@@ -715,7 +715,11 @@ def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
     """SIGTERM, SIGINT and SIGUSR1 (Slurm's warning) stop after the current step.
 
     A second Ctrl-C interrupts at once; a SIGTERM beside a Ctrl-C (``python -m xp``'s
-    parent passes a SIGINT sent to the process group on as SIGTERM) does not.
+    parent passes a SIGINT sent to the process group on as SIGTERM) does not. When the
+    loop stops on a signal, the handlers stay while the run saves and closes: a repeated
+    SIGTERM (the parent passing on one the process group also got, a scheduler's
+    reminder) must not kill the process with its MLflow run half closed. The process ends
+    right after.
     """
     stops = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
 
@@ -730,11 +734,16 @@ def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
         trainer.request_stop(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in stops}
+    stopped = False
     try:
         yield
+    except TrainingStopped:
+        stopped = True
+        raise
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        if not stopped:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
 
 def _requeue_on_slurm(strategy: Strategy, signum: int) -> None:

@@ -7,6 +7,7 @@ orphan training on, and its exit status is the training's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import re
@@ -36,13 +37,13 @@ def _start(
     )
 
 
-def _training_pid(workdir: Path, timeout: float = 120) -> int:
+def _training_pid(workdir: Path, timeout: float = 120, run_glob: str = "outputs/default/*") -> int:
     """The training process's pid, from the run's lock, once the run has validated."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        logs = list((workdir / "outputs" / "default").glob("*/*.log"))
+        logs = list(workdir.glob(f"{run_glob}/*.log"))
         if logs and "val/acc" in logs[0].read_text():
-            (lock,) = (workdir / "outputs" / "default").glob("*/.xp-run.lock")
+            (lock,) = workdir.glob(f"{run_glob}/.xp-run.lock")
             # "pid <command> on <host>, training in pid <child>", or "pid <pid> on <host>"
             return int(re.findall(r"pid (\d+)", lock.read_text())[-1])
         time.sleep(0.1)
@@ -50,16 +51,18 @@ def _training_pid(workdir: Path, timeout: float = 120) -> int:
 
 
 def _gone(pid: int, timeout: float = 10) -> bool:
+    """Whether ``pid`` has exited (or does within ``timeout`` seconds)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (FileNotFoundError, ProcessLookupError):
             return True
         if state in ("Z", "X"):
             return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
-    return False
 
 
 def _saved_where_it_stopped(log: str) -> bool:
@@ -208,3 +211,35 @@ def test_which_commands_fork_their_training(
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert _forks_training(args) is False
+
+
+def test_a_repeated_sigterm_does_not_cut_the_stopped_runs_close(workdir: Path, store) -> None:
+    # A SIGTERM to the process group reaches the training process twice (directly, and
+    # passed on by the command), and schedulers repeat theirs; one that lands while the
+    # stopped run closes its MLflow run must not cut that short: the run ends KILLED
+    # with its checkpoint stored.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xp", "trainer.max_epochs=100000", "experiment_name=twice"],
+        cwd=workdir,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        child = _training_pid(workdir, run_glob="outputs/twice/*")
+        os.kill(child, signal.SIGTERM)
+        (log,) = (workdir / "outputs" / "twice").glob("*/*.log")
+        deadline = time.monotonic() + 60
+        while "Run KILLED" not in log.read_text():  # the run is closing now
+            assert time.monotonic() < deadline, "the run never stopped"
+            time.sleep(0.001)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    (run,) = store.search_runs([store.get_experiment_by_name("twice").experiment_id])
+    assert run.info.status == "KILLED", err[-2000:]
+    assert "checkpoints" in {a.path for a in store.list_artifacts(run.info.run_id)}
