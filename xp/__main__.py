@@ -245,9 +245,14 @@ _NO_TRAINING_FLAGS = ("-m", "--multirun", "-h", "--help", "--hydra-help", "-c", 
                       "-i", "--info", "-sc", "--shell-completion", "--version")  # fmt: skip
 
 
+def _no_training(args: list[str]) -> bool:
+    """Whether a flag makes this command print or sweep instead of training here."""
+    return any(a in _NO_TRAINING_FLAGS or a.startswith("--shell-completion") for a in args)
+
+
 def _trains_here(args: list[str]) -> bool:
     """Whether this process will train a tracked run (as far as the command line tells)."""
-    if any(a in _NO_TRAINING_FLAGS or a.startswith("--shell-completion") for a in args):
+    if _no_training(args):
         return False
     if {"tracking=off", "tracking.enabled=false", "tracking.enabled=False"} & set(args):
         return False
@@ -268,7 +273,7 @@ def _forks_training(args: list[str]) -> bool:
 
     if not enabled() or "RANK" in os.environ or "LOCAL_RANK" in os.environ:
         return False
-    if any(a in _NO_TRAINING_FLAGS or a.startswith("--shell-completion") for a in args):
+    if _no_training(args):
         return False
     if _value(args, "resume") is not None or _value(args, "test") is not None:
         return False
@@ -375,9 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 return training.train(cfg, sys.argv)
             training.cancel()  # hydra.mode=MULTIRUN in a config file: the jobs train here
             training = None
-        from xp.sweep import run_task
-
-        return run_task(cfg)  # xp.run.run; in a sweep, a failed job does not end the sweep
+        return _run_task(cfg)  # xp.run.run; in a sweep, a failed job does not end the sweep
 
     if _rank() != 0:
         # Rank 0 writes the run directory's .hydra/; the others only compose.
