@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.procs import parent, wait_gone
+
 ENDLESS = ["trainer.max_epochs=100000", "tracking=off", "checkpoint.interval_epochs=1"]
 
 
@@ -50,21 +52,6 @@ def _training_pid(workdir: Path, timeout: float = 120, run_glob: str = "outputs/
     pytest.fail("the run never validated")
 
 
-def _gone(pid: int, timeout: float = 10) -> bool:
-    """Whether ``pid`` has exited (or does within ``timeout`` seconds)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        if state in ("Z", "X"):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-
-
 def _saved_where_it_stopped(log: str) -> bool:
     """Whether the stop message names a checkpoint of the step it stopped at, and it is there."""
     match = re.search(r"Stopped by \S+ at step (\d+); resume continues from (\S+\.pt)", log)
@@ -78,10 +65,10 @@ def test_kill_9_of_the_command_ends_its_training(workdir: Path) -> None:
         assert child != proc.pid  # the training runs in the forked child...
         (lock,) = (workdir / "outputs" / "default").glob("*/.xp-run.lock")
         assert lock.read_text().startswith(f"pid {proc.pid} on ")  # named by the command
-        assert Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)
+        assert parent(child) == proc.pid
         proc.kill()
         proc.wait(timeout=30)
-        assert _gone(child), "the training process outlived the command killed with -9"
+        wait_gone(child, "the training process outlived the command killed with -9", 10)
     finally:
         proc.kill()
 

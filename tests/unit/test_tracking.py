@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from tests.procs import alive, wait_gone
 from xp.config import TrackingConfig
 from xp.tracking import (
     MAX_ENTITY_KEY_LENGTH,
@@ -258,7 +259,7 @@ def writer_pids(parent: int) -> list[int]:
     """Living processes started by ``parent`` that run xp's MLflow writer."""
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and _alive(int(entry.name)):
+        if entry.name.isdigit() and alive(int(entry.name)):
             try:
                 ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
                 command = (entry / "cmdline").read_bytes()
@@ -267,22 +268,6 @@ def writer_pids(parent: int) -> list[int]:
             if ppid == parent and b"xp._tracking_worker" in command:
                 found.append(int(entry.name))
     return found
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie: a reparented child waits for an init that may never reap it."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def wait_gone(pid: int, message: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _alive(pid):
-        assert time.monotonic() < deadline, message
-        time.sleep(0.1)
 
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
@@ -301,7 +286,7 @@ def test_writer_process_runs_without_torch_and_exits_on_close(
     tracker.log_metrics({"train/loss": 1.0}, step=0)
     tracker.close()
 
-    assert not _alive(writer)
+    assert not alive(writer)
     assert writer_pids(os.getpid()) == []
     assert history(MlflowClient(mlflow_uri), tracker.run_id, "train/loss") == [(0, 1.0)]
 
@@ -320,7 +305,7 @@ def test_an_early_writer_serves_the_first_run(
     for step in range(20):
         tracker.log_metrics({"train/loss": float(step)}, step=step)
     tracker.close()
-    assert not _alive(early)
+    assert not alive(early)
     client = MlflowClient(mlflow_uri)
     assert history(client, tracker.run_id, "train/loss") == [(s, float(s)) for s in range(20)]
     assert client.get_run(tracker.run_id).info.status == "FINISHED"

@@ -1,0 +1,31 @@
+"""What the tests read of other processes from /proc (Linux)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name: state, ppid, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie: a reparented child waits for an init that may never reap it."""
+    try:
+        state = _stat(pid)[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def parent(pid: int) -> int:
+    return int(_stat(pid)[1])
+
+
+def wait_gone(pid: int, message: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while alive(pid):
+        assert time.monotonic() < deadline, message
+        time.sleep(0.1)
