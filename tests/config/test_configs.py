@@ -10,6 +10,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
+from tests.extras import requires_extra
 from xp.__main__ import CONF_DIR
 from xp.optim import OptimWrapper, OptimWrapperDict
 from xp.run import build
@@ -39,6 +40,8 @@ COMPANIONS = {
     ("task", "regression"): ["model.num_classes=1"],
 }
 """Options that only make sense with others (a GAN's optimizers need the GAN's submodules)."""
+EXTRAS = {("strategy", "deepspeed"): requires_extra("deepspeed", "deepspeed")}
+"""Options that build a package of an optional extra (skipped, with the reason, without it)."""
 
 
 def test_every_group_has_options() -> None:
@@ -46,7 +49,10 @@ def test_every_group_has_options() -> None:
     assert found == set(GROUPS)
 
 
-@pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [pytest.param(g, o, id=f"{g}={o}", marks=EXTRAS.get((g, o), ())) for g, o in CASES],
+)
 def test_option_composes_and_builds(compose, group: str, option: str, tmp_path: Path) -> None:
     choice = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
     cfg = compose(

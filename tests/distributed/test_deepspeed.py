@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from importlib.util import find_spec
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import StepLR
 
+from tests.extras import requires_extra
 from xp.checkpoint import COMPLETE_MARKER, Checkpointer, CheckpointError
 from xp.config import ClipGradConfig, OptimConfig, RandomnessConfig
 from xp.model import MLP
@@ -25,10 +25,8 @@ from xp.strategy.base import TrainingLength
 from xp.strategy.deepspeed import export_model_state
 
 pytestmark = pytest.mark.slow
-# find_spec, not importorskip: the spawned ranks must import DeepSpeed the way xp does.
-needs_deepspeed = pytest.mark.skipif(
-    find_spec("deepspeed") is None, reason="DeepSpeed is not installed"
-)
+# Not importorskip: the spawned ranks must import DeepSpeed the way xp does.
+needs_deepspeed = requires_extra("deepspeed", "deepspeed")
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO_BATCHES = 5  # per epoch; with 2 per window the last window is short (forced boundary)
