@@ -94,6 +94,7 @@ class Strategy(ABC):
         resource_limit: Raise the soft open-file limit to at least this.
         compile: ``torch.compile`` settings.
         auto_scale_lr: Linear LR scaling settings.
+        timestamp: When the run was launched; default: the run directory's name.
     """
 
     sharded_checkpoints: bool = False
@@ -112,8 +113,10 @@ class Strategy(ABC):
         resource_limit: int = 4096,
         compile: CompileConfig | None = None,
         auto_scale_lr: AutoScaleLRConfig | None = None,
+        timestamp: str | None = None,
     ) -> None:
         self._log_dir = Path(log_dir).resolve()
+        self._timestamp = timestamp or self._log_dir.name
         self._experiment_name = experiment_name
         self._randomness = randomness or RandomnessConfig()
         self._compile = compile or CompileConfig()
@@ -150,8 +153,12 @@ class Strategy(ABC):
 
     @property
     def timestamp(self) -> str:
-        """The run's timestamp: the name of its run directory."""
-        return self._log_dir.name
+        """When the run was launched (``YYYYmmdd_HHMMSS``), the same on every rank.
+
+        It names the log file and the MLflow run; the run directory is named after it
+        unless ``hydra.run.dir`` says otherwise (a sweep's job directory, say).
+        """
+        return self._timestamp
 
     @property
     def experiment_name(self) -> str:
