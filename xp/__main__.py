@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,31 +48,22 @@ def _strip_legacy_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
-def _timestamp(outputs: Path) -> str:
-    """Now, as the run directory's name; made unique under ``outputs/`` if a run has it."""
-    stamp = time.strftime("%Y%m%d_%H%M%S")
-    taken = {p.name for p in outputs.glob(f"*/{stamp}*")} | {
-        p.name for p in outputs.glob(f"*/multirun/{stamp}*")
-    }
-    candidate, n = stamp, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{stamp}_{n}"
-    return candidate
-
-
 def _prepare_environment() -> None:
-    """Fix the launch directory and the run's timestamp once per launch.
+    """Fix the launch directory and the launch's timestamp once per launch.
 
     Both travel in environment variables, so the processes a launcher starts from this
-    one (and resolvers called again later) see the same values.
+    one (and resolvers called again later) see the same values. Under torchrun, srun or
+    mpirun, ranks other than 0 take the timestamp of the directory rank 0 claims
+    (:mod:`xp.rundir`).
     """
-    from xp.launch import agree_on_timestamp
-
     launch = Path(os.environ.get("XP_LAUNCH_DIR") or os.getcwd()).resolve()
     os.environ["XP_LAUNCH_DIR"] = str(launch)
-    if not os.environ.get("XP_TIMESTAMP"):
-        os.environ["XP_TIMESTAMP"] = agree_on_timestamp(lambda: _timestamp(launch / "outputs"))
+    if os.getcwd() != str(launch):
+        # A worker of a launcher that ran in its run directory (hydra.job.chdir=true):
+        # paths on the command line are relative to where the command was started.
+        os.chdir(launch)
+    if not os.environ.get("XP_TIMESTAMP") and _rank() == 0:
+        os.environ["XP_TIMESTAMP"] = time.strftime("%Y%m%d_%H%M%S")
 
 
 def _rank() -> int:
@@ -80,11 +72,21 @@ def _rank() -> int:
     return dist_info(infer_launcher()).rank
 
 
+def _launch_timestamp() -> str:
+    """``${xp_timestamp:}``: the launch's timestamp; on ranks other than 0, rank 0's (it
+    claims the run directory first: xp.rundir, xp.launch)."""
+    if not os.environ.get("XP_TIMESTAMP"):
+        from xp.launch import receive_claim
+
+        os.environ["XP_TIMESTAMP"] = receive_claim()
+    return os.environ["XP_TIMESTAMP"]
+
+
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("xp_timestamp"):
-        OmegaConf.register_new_resolver("xp_timestamp", lambda: os.environ["XP_TIMESTAMP"])
+        OmegaConf.register_new_resolver("xp_timestamp", _launch_timestamp)
     if not OmegaConf.has_resolver("xp_outputs"):
         OmegaConf.register_new_resolver(
             "xp_outputs", lambda: str(Path(os.environ["XP_LAUNCH_DIR"]) / "outputs")
@@ -195,6 +197,15 @@ def _resume_arguments(args: list[str]) -> list[str]:
         raise SystemExit(1)
     if test is not None and test not in ("", "null"):
         key, spec = "test", test
+    if spec == "null":
+        spec = None
+    if spec is not None and not spec.strip():
+        say(
+            f"xp: error: {key}= has no value; give a run id, {'auto, ' if key == 'resume' else ''}"
+            "a run directory or a checkpoint (python -m xp ui lists the runs).",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
     requeued = os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
     if spec is None and requeued and test is None:
         spec = "auto"  # a requeued Slurm job continues its own run
@@ -216,18 +227,21 @@ def _resume_arguments(args: list[str]) -> list[str]:
     except ResumeError as e:
         say(f"xp: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    os.environ[TEST_ENV if key == "test" else ENV] = target.to_env()
-    os.environ["XP_TIMESTAMP"] = Path(target.run_dir).name
-    given = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
-    choices = choice_overrides(
-        {g: o for g, o in target.choices.items() if not g.startswith("hydra") and g not in given}
-    )
     flags, overrides = _split_flags(args)
     kept = [
         a
         for a in overrides
         if not a.startswith(("resume=", "test=")) and not a.startswith("experiment_name=")
     ]
+    flags = _config_dir_of(target, flags, key, spec)
+    # What the user typed now: xp.run applies each (or refuses it) and records it.
+    target = replace(target, overrides=tuple(kept))
+    os.environ[TEST_ENV if key == "test" else ENV] = target.to_env()
+    os.environ["XP_TIMESTAMP"] = target.timestamp or Path(target.run_dir).name
+    given = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
+    choices = choice_overrides(
+        {g: o for g, o in target.choices.items() if not g.startswith("hydra") and g not in given}
+    )
     return [
         *flags,  # Hydra's own flags (--config-dir ...) before every override
         *choices,
@@ -237,6 +251,38 @@ def _resume_arguments(args: list[str]) -> list[str]:
         f"hydra.run.dir={target.run_dir}",
         "hydra.output_subdir=null",  # keep the .hydra/ the run was started with
     ]
+
+
+def _config_dir_of(target: Any, flags: list[str], key: str, spec: str) -> list[str]:
+    """Hydra's flags, with the ``--config-dir`` the run was composed with when it needs one.
+
+    A run composed from options of the user's own config directory composes from them
+    again: the directory it was started with is added when the command gives none.
+
+    Raises:
+        SystemExit: that directory is gone (the error names it and the options it held).
+    """
+    if not target.config_dirs or any(f.split("=")[0] in ("--config-dir", "-cd") for f in flags):
+        return flags
+    own = [
+        f"{group}={option}"
+        for group, option in target.choices.items()
+        if option is not None
+        and not group.startswith("hydra")
+        and not (CONF_DIR / group / f"{option}.yaml").is_file()
+    ]
+    if not own:
+        return flags
+    config_dir = target.config_dirs[0]
+    if Path(config_dir).is_dir():
+        return [*flags, "--config-dir", config_dir]
+    say(
+        f"xp: error: {key}={spec}: the run was composed with --config-dir {config_dir} (for "
+        f"{', '.join(own)}), which is gone; give the directory that holds those options now: "
+        f"python -m xp {key}={spec} --config-dir <dir>.",
+        file=sys.stderr,
+    )
+    raise SystemExit(1)
 
 
 # Hydra flags after which the command does not train here: it prints, or it sweeps (each
@@ -340,6 +386,9 @@ def _hide_schema_groups() -> None:
 def main(argv: list[str] | None = None) -> int:
     """The ``xp`` command; returns its exit status."""
     args = _strip_legacy_local_rank(list(sys.argv[1:] if argv is None else argv))
+    from xp.launch import stop_with_launcher
+
+    stop_with_launcher()  # a worker of xp's own launcher stops when the launcher dies
     _prepare_environment()
     if args and args[0] in SUBCOMMANDS:
         return SUBCOMMANDS[args[0]](args[1:])

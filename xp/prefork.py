@@ -34,6 +34,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from xp.launch import die_with
 from xp.log import say
 
 ENV = "XP_FORK"
@@ -43,7 +44,6 @@ _STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _FORWARDED_AS = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1,
                  signal.SIGINT: signal.SIGTERM}  # fmt: skip
 _SI_KERNEL = 0x80  # si_code of a signal the kernel sent: a terminal's Ctrl-C
-_PR_SET_PDEATHSIG = 1
 
 
 _COMMAND_PID: int | None = None
@@ -202,7 +202,7 @@ def fork_training(
     os.close(composed_w)
     global _COMMAND_PID
     _COMMAND_PID = parent
-    _die_with(parent)
+    die_with(parent, signal.SIGKILL)  # as if it were the parent itself
     prepare(composed_r)
     os.close(composed_r)
     with os.fdopen(to_child_r, "rb") as pipe:
@@ -215,16 +215,6 @@ def fork_training(
     with os.fdopen(from_child_w, "wb") as pipe:
         pipe.write(pickle.dumps(result))
     raise SystemExit(0)
-
-
-def _die_with(parent: int) -> None:
-    """SIGKILL this process when the parent dies, as if it were the parent itself."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent:  # it died before the line above
-        os._exit(1)
 
 
 def _take_over(handed: dict[str, Any], forked_with: set[str]) -> None:

@@ -22,12 +22,12 @@ from typing import Any
 
 from xp.checkpoint import Checkpointer, CheckpointError, is_complete
 from xp.log import say
+from xp.rundir import CLAIM_FILE, RESUME_ENV
+from xp.rundir import TEST_ENV as TEST_ENV  # re-exported: xp.run and xp.__main__ read it here
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-ENV = "XP_RESUME"
+ENV = RESUME_ENV
 """Carries the resolved target from ``xp.__main__`` to ``xp.run`` (and to workers)."""
-TEST_ENV = "XP_TEST"
-"""The same for ``test=<spec>``: the run whose checkpoint to evaluate."""
 
 
 class ResumeError(ValueError):
@@ -51,6 +51,12 @@ class ResumeTarget:
     experiment_name: str
     choices: dict[str, str]
     """Config group -> option the run was composed with."""
+    timestamp: str | None = None
+    """The timestamp the run was launched with (None for runs from before it was kept)."""
+    config_dirs: tuple[str, ...] = ()
+    """The ``--config-dir`` directories the run was composed with."""
+    overrides: tuple[str, ...] = ()
+    """The overrides given with ``resume=``/``test=`` now (applied, or refused with why)."""
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -58,10 +64,15 @@ class ResumeTarget:
     @classmethod
     def from_env(cls, variable: str = ENV) -> ResumeTarget | None:
         raw = os.environ.get(variable)
-        return cls(**json.loads(raw)) if raw else None
+        if not raw:
+            return None
+        fields = json.loads(raw)
+        fields["config_dirs"] = tuple(fields.get("config_dirs", ()))
+        fields["overrides"] = tuple(fields.get("overrides", ()))
+        return cls(**fields)
 
 
-LOCK_FILE = ".xp-run.lock"
+LOCK_FILE = CLAIM_FILE
 """In a run directory: locked by the process that trains the run, while it runs."""
 
 
@@ -301,6 +312,8 @@ def resolve(
         run_id=run_id,
         experiment_name=meta.get("experiment_name") or run_dir.parent.name,
         choices=dict(meta.get("choices", {})),
+        timestamp=meta.get("timestamp"),
+        config_dirs=tuple(meta.get("config_dirs", ())),
     )
 
 

@@ -56,6 +56,7 @@ from xp.resume import (
     RunDirLock,
     checkpoint_for_load,
 )
+from xp.rundir import claimed_here
 from xp.scheduler import Phase
 from xp.strategy.base import Prepared, Strategy, TrainingLength
 from xp.task import ModelStepTask, SupervisedTask, task_for_model
@@ -156,7 +157,7 @@ def _defines_train_step(node: DictConfig) -> bool:
     return callable(getattr(target, "train_step", None))
 
 
-def build_strategy(cfg: DictConfig, log_dir: Path) -> Strategy:
+def build_strategy(cfg: DictConfig, log_dir: Path, timestamp: str | None = None) -> Strategy:
     settings: StrategyConfig = OmegaConf.to_object(cfg.strategy)  # type: ignore[assignment]
     try:
         cls = get_class(settings._target_)
@@ -168,6 +169,7 @@ def build_strategy(cfg: DictConfig, log_dir: Path) -> Strategy:
         log_dir=log_dir,
         experiment_name=cfg.experiment_name,
         randomness=OmegaConf.to_object(cfg.randomness),
+        timestamp=timestamp,
     )
     assert isinstance(strategy, Strategy)
     return strategy
@@ -431,13 +433,13 @@ def build_trainer(built: Built, *, checkpoint_extra: Mapping[str, Any] | None = 
     )
 
 
-def build(cfg: DictConfig, log_dir: Path) -> Built:
+def build(cfg: DictConfig, log_dir: Path, timestamp: str | None = None) -> Built:
     """Turn the composed config into objects: strategy, data, model, optimizers, schedules.
 
     Everything a user can get wrong in config fails here, before any MLflow run exists.
     On failure the strategy built so far is torn down.
     """
-    strategy = build_strategy(cfg, log_dir)
+    strategy = build_strategy(cfg, log_dir, timestamp)
     try:
         data: DataConfig = settings_of(cfg.data, DataConfig, "data")
         datasets = build_factory(cfg.data, DataConfig, "data")()
@@ -486,9 +488,10 @@ def build(cfg: DictConfig, log_dir: Path) -> Built:
 def run(cfg: DictConfig) -> float | None:
     """Train the composed experiment; returns ``trainer.objective`` for Hydra's sweepers."""
     log_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
-    created_here = _fresh_run_dir(log_dir)
     tested = ResumeTarget.from_env(TEST_ENV) if cfg.get("test") else None
     target = tested or ResumeTarget.from_env()
+    # Only a directory this launch claimed (xp.rundir) is ever removed by it.
+    created_here = target is None and claimed_here(log_dir)
     # ---- sweeps (xp.sweep): a re-run sweep's job skips its FINISHED twin, resumes a KILLED one
     from xp.sweep import plan_job
 
@@ -527,11 +530,10 @@ def run(cfg: DictConfig) -> float | None:
     try:
         check_targets(cfg, allowed=allowed, restored=target is not None)
         lock = _hold_run_dir(log_dir)
-        built = build(cfg, log_dir)
+        built = build(cfg, log_dir, _timestamp(target))
         strategy = built.strategy
-        trainer = build_trainer(
-            built, checkpoint_extra={"config": built.config_yaml, "run": _run_facts(cfg)}
-        )
+        facts = _run_facts(cfg, strategy.timestamp)
+        trainer = build_trainer(built, checkpoint_extra={"config": built.config_yaml, "run": facts})
         resumed = None
         if target is not None:
             resumed = strategy.resume(Path(target.checkpoint))
@@ -546,7 +548,7 @@ def run(cfg: DictConfig) -> float | None:
             trainer.replay_unstored_metrics(resumed)
         started = True
         if strategy.is_main_process:
-            _write_run_files(strategy, built.config_yaml, _run_facts(cfg))
+            _write_run_files(strategy, built.config_yaml, facts)
         strategy.logger.info(
             "Run %s: %s %d steps (%d per epoch) on %s; logs in %s",
             strategy.timestamp,
@@ -627,7 +629,7 @@ def _test(
     status = "FINISHED"
     try:
         check_targets(cfg, allowed=allowed, restored=True)
-        built = build(cfg, log_dir)
+        built = build(cfg, log_dir, _timestamp(target))
         strategy = built.strategy
         if built.test_loader is None:
             raise ValueError(
@@ -768,12 +770,30 @@ def _requeue_on_slurm(strategy: Strategy, signum: int) -> None:
         strategy.logger.error("scontrol requeue %s failed: %s", job, result.stderr.strip())
 
 
-def _run_facts(cfg: DictConfig) -> dict[str, Any]:
-    """What resume needs besides the states: the experiment and the config group choices."""
-    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+def _timestamp(target: ResumeTarget | None) -> str | None:
+    """The run's timestamp: the launch's, or the one a resumed run was started with."""
+    if target is not None and target.timestamp:
+        return target.timestamp
+    return os.environ.get("XP_TIMESTAMP")
+
+
+def _run_facts(cfg: DictConfig, timestamp: str) -> dict[str, Any]:
+    """What resume needs besides the states: the experiment, its timestamp, the config
+    group choices and the config directories they came from (``--config-dir``)."""
+    choices, config_dirs = {}, []
+    if HydraConfig.initialized():
+        runtime = HydraConfig.get().runtime
+        choices = {k: v for k, v in runtime.choices.items() if not k.startswith("hydra")}
+        config_dirs = [
+            str(source.path).removeprefix("file://")
+            for source in runtime.config_sources
+            if source.provider == "command-line" and str(source.path).startswith("file://")
+        ]
     return {
         "experiment_name": cfg.experiment_name,
-        "choices": {k: v for k, v in choices.items() if not k.startswith("hydra")},
+        "timestamp": timestamp,
+        "choices": choices,
+        "config_dirs": config_dirs,
     }
 
 

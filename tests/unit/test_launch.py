@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from xp.__main__ import _strip_legacy_local_rank, _timestamp
+from xp.__main__ import _strip_legacy_local_rank
 from xp.config import Launcher, RandomnessConfig
 from xp.dist import dist_info, infer_launcher
-from xp.launch import agree_on_timestamp
+from xp.launch import receive_claim, share_claim
 from xp.strategy import SingleDeviceStrategy
 from xp.strategy.distributed import _export_launcher_env, _first_slurm_host
 
@@ -96,14 +96,9 @@ def test_workers_divide_the_cores(tmp_path: Path, monkeypatch) -> None:
     assert torch.get_num_threads() == max(1, cores // 2)
 
 
-def test_timestamp_is_unique_under_outputs(tmp_path: Path) -> None:
-    first = _timestamp(tmp_path)
-    (tmp_path / "exp" / first).mkdir(parents=True)
-    second = _timestamp(tmp_path)
-    assert second != first and second.startswith(first[:13])
-
-
-def test_single_process_timestamp_needs_no_store(monkeypatch) -> None:
+def test_one_process_shares_its_claim_with_nobody(monkeypatch) -> None:
     for key in ("WORLD_SIZE", "RANK", "SLURM_NTASKS", "OMPI_COMM_WORLD_LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
-    assert agree_on_timestamp(lambda: "20260101_000000") == "20260101_000000"
+    share_claim("20260101_000000")  # no store, no other rank: returns at once
+    with pytest.raises(RuntimeError, match="ranks other than 0"):
+        receive_claim()
