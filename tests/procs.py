@@ -29,3 +29,16 @@ def wait_gone(pid: int, message: str, timeout_s: float = 60) -> None:
     while alive(pid):
         assert time.monotonic() < deadline, message
         time.sleep(0.1)
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if parent(int(entry.name)) == pid and alive(int(entry.name)):
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
