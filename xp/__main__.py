@@ -91,6 +91,10 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver(
             "xp_outputs", lambda: str(Path(os.environ["XP_LAUNCH_DIR"]) / "outputs")
         )
+    if not OmegaConf.has_resolver("xp_job_dir"):
+        from xp.sweep import job_dir_name  # a sweep's job folder (hydra.sweep.subdir)
+
+        OmegaConf.register_new_resolver("xp_job_dir", job_dir_name)
 
 
 def _ui(argv: list[str]) -> int:

@@ -1,9 +1,13 @@
 """``xp compare``: a table of runs, the params that differ between them and their final metrics.
 
-``python -m xp compare <parent run id | experiment name> [--sort METRIC] [--csv FILE]``
+``python -m xp compare <parent run id | experiment name> [--sort METRIC] [--all] [--csv FILE]``
 
 A parent run id compares the jobs of that sweep (its child runs); an experiment name
-compares every run of the experiment except sweep parents.
+compares every run of the experiment except sweep parents. Metrics are MLflow's: each
+metric's latest value (at the run's last step). The terminal gets the columns that
+matter first (the sort metric, the swept values, the other metrics, the params that
+differ), as many as fit its width; ``--all`` prints every param and metric in full, and
+``--csv`` writes them all.
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ import csv
 import math
 import os
 import re
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+CELL_CHARS = 24
+"""In the fitted view a value is cut to this many characters (``...`` at the end)."""
 
 
 class CompareError(ValueError):
@@ -99,9 +106,19 @@ def _runs(client: Any, spec: str) -> tuple[list[Any], str | None]:
 
 
 def compare_table(
-    runs: Sequence[Any], sort: str | None, direction: str | None
+    runs: Sequence[Any],
+    sort: str | None,
+    direction: str | None,
+    *,
+    every_param: bool = False,
 ) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: run, status, the params that differ, every final metric.
+    """Header and rows, best first by ``sort``: run, status, metrics, params, run_id.
+
+    Metrics come first: ``sort``, then those of its kind (``val/...`` for ``val/acc``;
+    ``val/`` without ``sort``), then the rest. Params: the swept values that xp adds to
+    sweep jobs (``_swept.*``) first, then the others in name order; only those that
+    differ between the runs unless ``every_param`` (runs without any params, such as a job
+    that failed before it started, do not make a param differ).
 
     Raises:
         CompareError: ``sort`` is not a metric of these runs.
@@ -109,8 +126,10 @@ def compare_table(
     from xp.sweep import direction_of
 
     params = [r.data.params for r in runs]
-    keys = sorted({k for p in params for k in p})
-    differing = [k for k in keys if len({p.get(k) for p in params}) > 1]
+    keys = sorted({k for p in params for k in p}, key=lambda k: (not k.startswith("_swept."), k))
+    voting = [p for p in params if p]
+    if not every_param:
+        keys = [k for k in keys if len({p.get(k) for p in voting}) > 1]
     metrics = sorted({k for r in runs for k in r.data.metrics})
     if sort is not None and sort not in metrics:
         raise CompareError(
@@ -127,19 +146,62 @@ def compare_table(
             return (0, -value if descending else value)
 
         ordered.sort(key=key)
-        metrics = [sort, *[m for m in metrics if m != sort]]
-    header = ["run", "status", *differing, *metrics, "run_id"]
+    kind = (sort or "val/").split("/")[0] + "/"
+    metrics.sort(key=lambda m: (m != sort, not m.startswith(kind), m))
+    header = ["run", "status", *metrics, *keys, "run_id"]
     rows = [
         [
             r.info.run_name or "",
             r.info.status,
-            *[r.data.params.get(k, "") for k in differing],
             *[_number(r.data.metrics.get(m)) for m in metrics],
+            *[r.data.params.get(k, "") for k in keys],
             r.info.run_id,
         ]
         for r in ordered
     ]
     return header, rows
+
+
+def fit_table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    width: int,
+    priority: Sequence[str],
+    limits: Mapping[str, int] | None = None,
+) -> tuple[list[str], list[list[str]], list[str]]:
+    """The columns of a table that fit in ``width`` characters, chosen in ``priority`` order.
+
+    The first two columns are always kept, then those named in ``priority``, then the
+    rest, each where it still fits; the columns keep the order of ``header``. Values are
+    cut to ``limits[column]`` characters (default :data:`CELL_CHARS`), ending in ``...``.
+
+    Returns:
+        (header, rows, the names of the columns left out, most telling first)
+    """
+    limit = [(limits or {}).get(name, CELL_CHARS) for name in header]
+    cut = [[_cut(cell, limit[i]) for i, cell in enumerate(row)] for row in rows]
+    widths = [max([len(h), *(len(row[i]) for row in cut)]) for i, h in enumerate(header)]
+    order = [0, 1, *[header.index(n) for n in priority if n in header[2:]]]
+    order += [i for i in range(len(header)) if i not in order]
+    chosen: list[int] = []
+    used = -2
+    for i in order:
+        if len(chosen) >= 2 and used + 2 + widths[i] > width:
+            continue
+        chosen.append(i)
+        used += 2 + widths[i]
+    kept = sorted(chosen)
+    left = [header[i] for i in order if i not in chosen]
+    return [header[i] for i in kept], [[row[i] for i in kept] for row in cut], left
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def terminal_width() -> int:
+    """``$COLUMNS``, else the terminal's width, else 80 (output to a file or a pipe)."""
+    return shutil.get_terminal_size((80, 24)).columns
 
 
 def _number(value: float | None) -> str:
@@ -164,7 +226,18 @@ def main(argv: Sequence[str]) -> int:
         choices=("max", "min"),
         help="for --sort; default: min for a loss or error, else max",
     )
-    parser.add_argument("--csv", metavar="FILE", type=Path, help="also write the table here")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="every param (also those that are the same in every run) and metric, values "
+        "in full, however wide (default: what fits the terminal, the most telling first)",
+    )
+    parser.add_argument(
+        "--csv",
+        metavar="FILE",
+        type=Path,
+        help="also write the table here, with every param and metric",
+    )
     parser.add_argument(
         "--tracking-uri",
         default=None,
@@ -187,17 +260,34 @@ def main(argv: Sequence[str]) -> int:
         sort = args.sort or (
             objective if objective and any(objective in r.data.metrics for r in runs) else None
         )
-        header, rows = compare_table(runs, sort, args.direction)
+        full = compare_table(runs, sort, args.direction, every_param=True)
+        header, rows = full if args.all else compare_table(runs, sort, args.direction)
     except CompareError as e:
         print(f"xp: error: {e}", file=sys.stderr)
         return 1
-    print(format_table(header, rows))
+    if args.all:
+        print(format_table(header, rows))
+    else:
+        width = terminal_width()
+        metrics = [h for h in header if h in {k for r in runs for k in r.data.metrics}]
+        swept = [h for h in header if h.startswith("_swept.")]
+        first = [*metrics[:1], *swept, "run_id", *metrics[1:]]
+        limits = {"run": 40, "run_id": 32}
+        shown, cells, left = fit_table(header, rows, width, first, limits)
+        print(format_table(shown, cells))
+        if left:
+            names = ", ".join(left[:4]) + (", ..." if len(left) > 4 else "")
+            print(
+                f"xp: {len(left)} more column{'s' * (len(left) != 1)} did not fit in {width} "
+                f"characters ({names}); --all prints every column, --csv FILE writes them.",
+                file=sys.stderr,
+            )
     if args.csv is not None:
         tmp = args.csv.with_name(f".{args.csv.name}.tmp")
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
+            writer.writerow(full[0])
+            writer.writerows(full[1])
         os.replace(tmp, args.csv)
         print(f"Wrote {args.csv}")
     return 0

@@ -7,10 +7,14 @@ job for submitit). So what jobs need from the launching process (the parent run 
 swept keys) travels in ``<sweep dir>/.xp_sweep.json``, and what the launching process
 needs from the jobs (status, final metrics, run id) in ``<sweep dir>/.xp_jobs/<num>.json``.
 
-Re-running a sweep skips its jobs whose config already FINISHED in the experiment and
-resumes those that were stopped: KILLED, or left RUNNING by a process that died (its run
-directory's lock is free). A config is identified by :func:`config_hash`, stored on
-every run as the tag ``xp.config_hash``.
+Re-running a sweep skips its jobs whose config already FINISHED in an earlier run of the
+same sweep and resumes those that were stopped there: KILLED, or left RUNNING by a
+process that died (its run directory's lock is free). A sweep is identified by
+:func:`sweep_key` (tag ``xp.sweep_key`` on the parent and every child), a job's config by
+:func:`config_hash` (tag ``xp.config_hash`` on every run). Runs outside the sweep (plain
+runs, other sweeps) are never skipped over or resumed. The launching process asks MLflow
+once, when the sweep starts, for the earlier runs of the sweep, says what will be
+skipped or resumed, and hands the answer to the jobs in ``.xp_sweep.json``.
 
 This module imports neither torch nor mlflow at import time.
 """
@@ -71,6 +75,17 @@ shown, never what it computes. Hydra's own settings (run and sweep directories) 
 part of the job's config at all."""
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+SWEEP_KEY_TAG = "xp.sweep_key"
+"""On a sweep's parent and children: :func:`sweep_key`; a re-run reuses runs with the same."""
+SWEPT_PARAM_PREFIX = "_swept."
+"""Prefix of the params that repeat a child's swept values (``_swept.optim.lr``): MLflow's
+compare view plots the first three differing params in sort order, and ``_`` sorts
+before every key of xp's config."""
+RUN_NAME_CHARS = 250
+"""MLflow's SQL stores keep a run's name in a column of 250 characters."""
+JOB_DIR_OVERRIDES_BYTES = 100
+"""A job folder keeps at most this much of its overrides in its name (see :func:`job_dir_name`)."""
 
 PLUGINS = {
     ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
@@ -144,6 +159,72 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def sweep_key(
+    experiment_name: str,
+    overrides: Sequence[str],
+    sweeper: str,
+    launcher: str,
+    search_space: Mapping[str, Any] | None = None,
+) -> str:
+    """sha256 of what makes two multiruns the same sweep.
+
+    The same experiment, the same command-line overrides (in any order; ``sweep.*``
+    settings such as ``sweep.fresh`` left out), the same sweeper and launcher, and the
+    same search space (``hydra.sweeper.params``). The sweeper's and launcher's own
+    settings (``hydra.sweeper.n_trials``, ``hydra.launcher.n_jobs``) are not part of it:
+    more trials, or more jobs side by side, continue the same sweep.
+
+    Args:
+        experiment_name: The composed ``experiment_name``.
+        overrides: The multirun's task overrides (``hydra.overrides.task``).
+        sweeper: The sweeper's ``_target_``.
+        launcher: The launcher's ``_target_``.
+        search_space: ``hydra.sweeper.params``, if any.
+    """
+    kept = sorted(str(o) for o in overrides if not _is_sweep_setting(str(o)))
+    space = {str(k): str(v) for k, v in (search_space or {}).items()}
+    text = json.dumps(
+        {
+            "experiment_name": experiment_name,
+            "overrides": kept,
+            "sweeper": sweeper,
+            "launcher": launcher,
+            "search_space": space,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _is_sweep_setting(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key == "sweep" or key.startswith("sweep.")
+
+
+def job_dir_name(num: int, overrides: str) -> str:
+    """A job's folder name: ``<num>_<overrides>``, short enough for any file system.
+
+    Hydra names a job's folder by its overrides, which can exceed the 255 bytes a file
+    name may have (``[Errno 36] File name too long``). Overrides longer than
+    :data:`JOB_DIR_OVERRIDES_BYTES` bytes are cut there and get ``~`` and 8 hex digits of
+    their sha256, so two jobs never share a folder; ``/`` becomes ``_`` (a value that is a
+    path would otherwise nest folders). The full overrides stay in the job's
+    ``.hydra/overrides.yaml`` and in its MLflow run (tag ``xp.overrides``). Registered as
+    the resolver ``xp_job_dir`` (``hydra.sweep.subdir`` in conf/config.yaml).
+
+    Args:
+        num: ``hydra.job.num``.
+        overrides: ``hydra.job.override_dirname``.
+    """
+    text = str(overrides).replace("/", "_")
+    raw = text.encode()
+    if len(raw) <= JOB_DIR_OVERRIDES_BYTES:
+        return f"{num}_{text}"
+    head = raw[:JOB_DIR_OVERRIDES_BYTES].decode(errors="ignore")  # whole characters only
+    return f"{num}_{head}~{hashlib.sha256(raw).hexdigest()[:8]}"
+
+
 def _plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
@@ -174,6 +255,13 @@ class SweepInfo:
     direction: str
     needs_number: bool
     """The sweeper reads the objective (Optuna): a job without one is an error."""
+    sweep_key: str = ""
+    """:func:`sweep_key`; tagged on the parent and every child."""
+    fresh: bool = False
+    """``sweep.fresh=true``: no job is skipped or resumed."""
+    earlier: list[dict[str, Any]] = field(default_factory=list)
+    """The runs of earlier runs of this sweep (:class:`EarlierRun` as dicts), read from
+    MLflow once when the sweep started; the jobs skip or resume from them."""
 
     def save(self) -> None:
         path = Path(self.sweep_dir) / SWEEP_FILE
@@ -183,6 +271,65 @@ class SweepInfo:
     def load(cls, sweep_dir: str | Path) -> SweepInfo | None:
         path = Path(sweep_dir) / SWEEP_FILE
         return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+
+@dataclass
+class EarlierRun:
+    """A child run of an earlier run of the same sweep, as MLflow had it when this one started."""
+
+    run_id: str
+    status: str
+    config_hash: str
+    job: int | None
+    """Its job number in that sweep (``xp.sweep_job``)."""
+    parent_run_id: str | None
+    run_dir: str | None
+    start_time: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    """MLflow's latest value of each metric (the value at the run's last step)."""
+
+    @classmethod
+    def from_run(cls, run: Any) -> EarlierRun:
+        tags = run.data.tags
+        job = tags.get("xp.sweep_job", "")
+        return cls(
+            run_id=str(run.info.run_id),
+            status=str(run.info.status),
+            config_hash=tags.get("xp.config_hash", ""),
+            job=int(job) if job.isdigit() else None,
+            parent_run_id=tags.get("mlflow.parentRunId"),
+            run_dir=tags.get("xp.run_dir"),
+            start_time=int(run.info.start_time or 0),
+            metrics={str(k): float(v) for k, v in run.data.metrics.items()},
+        )
+
+    def stopped(self) -> bool:
+        """KILLED, or RUNNING in MLflow while no process trains it (killed hard: ``kill -9``,
+        a lost node, a Slurm job past its time limit: its run directory's lock is free)."""
+        if self.status == "KILLED":
+            return True
+        if self.status != "RUNNING" or not self.run_dir:
+            return False
+        from xp.resume import RunDirLock
+
+        return RunDirLock(Path(self.run_dir)).dead()
+
+    def label(self) -> str:
+        if self.status == "KILLED":
+            return "KILLED run"
+        return "run left RUNNING by a process that is gone,"
+
+
+def reusable(earlier: Sequence[EarlierRun]) -> tuple[EarlierRun | None, EarlierRun | None]:
+    """Of the earlier runs of one job: (the newest FINISHED, else None; the newest run, if
+    no run FINISHED and it was stopped, to resume, else None)."""
+    newest_first = sorted(earlier, key=lambda r: r.start_time, reverse=True)
+    finished = [r for r in newest_first if r.status == "FINISHED"]
+    if finished:
+        return finished[0], None
+    if newest_first and newest_first[0].stopped():
+        return None, newest_first[0]
+    return None, None
 
 
 @dataclass
@@ -221,6 +368,12 @@ def _job_name(overrides: Sequence[str], swept: Sequence[str], num: int) -> str:
     keys = set(swept)
     picked = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys]
     return ",".join(picked or overrides) or f"job {num}"
+
+
+def _run_name(name: str) -> str:
+    """A job's name as its MLflow run's name: SQL stores keep at most 250 characters (the
+    full overrides are the run's tag ``xp.overrides``)."""
+    return name if len(name) <= RUN_NAME_CHARS else name[: RUN_NAME_CHARS - 3] + "..."
 
 
 @dataclass
@@ -265,9 +418,11 @@ def job_tags(cfg: DictConfig) -> tuple[str | None, dict[str, str]]:
         return None, tags
     tags["xp.sweep_dir"] = job.info.sweep_dir
     tags["xp.sweep_job"] = str(job.num)
+    if job.info.sweep_key:
+        tags[SWEEP_KEY_TAG] = job.info.sweep_key
     if job.info.parent_run_id:
         tags["mlflow.parentRunId"] = job.info.parent_run_id
-    return job.name, tags
+    return _run_name(job.name), tags
 
 
 @dataclass
@@ -290,12 +445,15 @@ _PLAN: JobPlan | None = None
 
 
 def plan_job(cfg: DictConfig, log_dir: Path, target: ResumeTarget | None) -> JobPlan | None:
-    """Skip a job whose config FINISHED in the experiment; resume one that was stopped.
+    """Skip a job whose config FINISHED in an earlier run of this sweep; resume one stopped there.
 
     Called by ``xp.run.run`` before anything is built. Outside a multirun, with
     ``resume=`` given, with tracking off, or with ``sweep.fresh=true`` the job runs
-    anew (None or a plan without skip/resume). A skipped or resumed job leaves no folder
-    of its own in this sweep: the run it continues or reuses keeps its directory.
+    anew (None or a plan without skip/resume). Only the runs of earlier runs of the same
+    sweep (:func:`sweep_key`) count, as MLflow listed them when this sweep started
+    (``.xp_sweep.json``): this asks MLflow nothing more, except to resume. A skipped or
+    resumed job leaves no folder of its own in this sweep: the run it continues or reuses
+    keeps its directory.
     """
     global _PLAN
     _PLAN = None
@@ -303,84 +461,60 @@ def plan_job(cfg: DictConfig, log_dir: Path, target: ResumeTarget | None) -> Job
         return None
     digest = config_hash(_plain(cfg))
     _PLAN = plan = JobPlan(config_hash=digest)
-    if not cfg.tracking.enabled or sweep_settings(cfg).fresh:
+    job = _this_job()
+    if job is None or not cfg.tracking.enabled or job.info.fresh or sweep_settings(cfg).fresh:
         return plan
-    from mlflow import MlflowClient
-
-    uri = _tracking_uri(cfg)
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(cfg.experiment_name)
-    if experiment is None:
-        return plan
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`xp.config_hash` = '{digest}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=100,
-    )
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    objective = str(cfg.trainer.objective)
-    if finished:
-        run = finished[0]
+    earlier = [EarlierRun(**e) for e in job.info.earlier]
+    finished, stopped = reusable([e for e in earlier if e.config_hash == digest])
+    label = f"job #{job.num} ({job.name})"
+    if finished is not None:
         plan.skip = True
-        plan.previous_run_id = run.info.run_id
-        plan.run_dir = run.data.tags.get("xp.run_dir")
-        plan.metrics = _final_metrics(plan.run_dir, dict(run.data.metrics))
-        value = plan.metrics.get(objective)
+        plan.previous_run_id = finished.run_id
+        plan.run_dir = finished.run_dir
+        plan.metrics = dict(finished.metrics)
+        value = plan.metrics.get(str(cfg.trainer.objective))
         plan.objective = None if value is None else float(value)
-        plan.note = "FINISHED before (sweep.fresh=true reruns it)"
+        plan.note = f"FINISHED in this sweep's earlier run (parent {finished.parent_run_id})"
         _remove_fresh_dir(log_dir)
         say(
-            f"xp: skipping {_job_label()}: it FINISHED before as run {run.info.run_id}; "
-            "sweep.fresh=true reruns it.",
+            f"xp: skipping {label}: it FINISHED as run {finished.run_id} in an earlier run of "
+            "this sweep; sweep.fresh=true reruns it.",
             file=sys.stderr,
         )
         return plan
-    if runs and _stopped(runs[0]):
+    if stopped is not None:
         from xp.resume import ResumeError, resolve
 
-        run = runs[0]
         try:
             plan.resume = resolve(
-                run.info.run_id,
-                tracking_uri=uri,
+                stopped.run_id,
+                tracking_uri=_tracking_uri(cfg),
                 experiment_name=cfg.experiment_name,
                 outputs=_launch_dir() / "outputs",
             )
         except ResumeError as e:
-            plan.note = f"{_stopped_label(run)} {run.info.run_id} cannot resume ({e}); ran anew"
-            say(f"xp: {_job_label()}: {plan.note}.", file=sys.stderr)
+            plan.note = f"{stopped.label()} {stopped.run_id} cannot resume ({e}); ran anew"
+            say(f"xp: {label}: {plan.note}.", file=sys.stderr)
             return plan
-        plan.previous_run_id = run.info.run_id
+        plan.previous_run_id = stopped.run_id
         plan.run_dir = plan.resume.run_dir
-        plan.note = f"resumed {_stopped_label(run)} {run.info.run_id} in {plan.resume.run_dir}"
+        plan.note = f"resumed {stopped.label()} {stopped.run_id} in {plan.resume.run_dir}"
         _remove_fresh_dir(log_dir)
-        say(f"xp: {_job_label()}: {plan.note}.", file=sys.stderr)
+        say(f"xp: {label}: {plan.note}.", file=sys.stderr)
+        return plan
+    same_job = [e for e in earlier if e.job == job.num and e.status in ("FINISHED", "KILLED")]
+    if same_job and not job.info.needs_number:
+        # A grid numbers its jobs the same way every time: this job ran before with another
+        # config, so a config file (or a default in code) changed since. It trains; say why.
+        previous = max(same_job, key=lambda e: e.start_time)
+        plan.note = f"config differs from run {previous.run_id} ({previous.status} as this job)"
+        say(
+            f"xp: {label} runs anew: its config differs from that of run {previous.run_id}, "
+            f"which {previous.status} as this job in an earlier run of this sweep (a config "
+            "file or a default changed since).",
+            file=sys.stderr,
+        )
     return plan
-
-
-def _stopped(run: Any) -> bool:
-    """KILLED, or RUNNING in MLflow while no process trains it (killed hard: ``kill -9``, a
-    lost node, a Slurm job past its time limit)."""
-    if run.info.status == "KILLED":
-        return True
-    if run.info.status != "RUNNING":
-        return False
-    from xp.resume import RunDirLock
-
-    run_dir = run.data.tags.get("xp.run_dir")
-    return bool(run_dir) and RunDirLock(Path(run_dir)).dead()
-
-
-def _stopped_label(run: Any) -> str:
-    if run.info.status == "KILLED":
-        return "KILLED run"
-    return "run left RUNNING by a process that is gone,"
-
-
-def _job_label() -> str:
-    job = _this_job()
-    return f"job #{job.num} ({job.name})" if job else "this job"
 
 
 def _remove_fresh_dir(log_dir: Path) -> None:
@@ -391,14 +525,20 @@ def _remove_fresh_dir(log_dir: Path) -> None:
         shutil.rmtree(log_dir, ignore_errors=True)
 
 
-def _final_metrics(run_dir: str | None, fallback: dict[str, float]) -> dict[str, float]:
-    """The run's final metrics (``metrics.json`` in its directory), else MLflow's latest."""
-    if run_dir:
-        path = Path(run_dir) / "metrics.json"
-        if path.is_file():
-            with contextlib.suppress(ValueError, OSError):
-                return {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
-    return fallback
+def _metrics_file(run_dir: str | None) -> dict[str, float]:
+    """A run's ``metrics.json``: the record of a job's metrics only when tracking is off.
+
+    With tracking on, MLflow is the record (the file can be overwritten by a later run in
+    the same directory): see :func:`_mlflow_metrics`.
+    """
+    path = Path(run_dir) / "metrics.json" if run_dir else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
+    except (ValueError, TypeError, OSError, AttributeError) as e:
+        say(f"xp: could not read the metrics in {path}: {e}", file=sys.stderr)
+        return {}
 
 
 @contextlib.contextmanager
@@ -421,7 +561,10 @@ def worker_launch(log_dir: Path, nproc: int) -> Iterator[list[str]]:
         f"hydra.run.dir='{quoted}'",
         "hydra.output_subdir=null",  # the job wrote its .hydra/ already
     ]
-    env = {WORKER_ENV: json.dumps({"info": asdict(job.info), "num": job.num, "name": job.name})}
+    # The earlier runs stay behind: only this process plans the job, and an environment
+    # variable has a size limit (128 KiB on Linux).
+    info = {**asdict(job.info), "earlier": []}
+    env = {WORKER_ENV: json.dumps({"info": info, "num": job.num, "name": job.name})}
     if _PLAN is not None and _PLAN.resume is not None:
         from xp.resume import ENV
 
@@ -602,6 +745,8 @@ class SweepCallback(Callback):
         overrides = [str(o) for o in config.hydra.overrides.task]
         swept = _swept_keys(overrides, config)
         uri = _tracking_uri(config) if config.tracking.enabled else None
+        launcher = str(config.hydra.launcher.get("_target_", ""))
+        space = config.hydra.sweeper.get("params") if "params" in config.hydra.sweeper else None
         info = SweepInfo(
             sweep_dir=str(sweep_dir),
             parent_run_id=None,
@@ -611,6 +756,28 @@ class SweepCallback(Callback):
             objective=objective,
             direction=direction,
             needs_number=sweeper != BASIC_SWEEPER,
+            sweep_key=sweep_key(
+                str(config.experiment_name),
+                overrides,
+                sweeper,
+                launcher,
+                OmegaConf.to_container(space) if space else None,  # type: ignore[arg-type]
+            ),
+            fresh=settings.fresh,
+        )
+        parents: list[str] = []
+        if uri is not None:
+            parents, earlier = _earlier_runs(uri, info.experiment_name, info.sweep_key)
+            info.earlier = [asdict(e) for e in earlier]
+        say(
+            announce(
+                [EarlierRun(**e) for e in info.earlier],
+                parents,
+                _grid_jobs(config, overrides),
+                tracked=uri is not None,
+                fresh=settings.fresh,
+            ),
+            file=sys.stderr,
         )
         if uri is not None:
             info.parent_run_id = _create_parent(config, info, overrides, sweeper)
@@ -693,18 +860,31 @@ class SweepCallback(Callback):
             record.run_dir = str(log_dir)
         error: str | None = None
         misconfigured = False
+        value: Any = None
         if job_return.status == JobStatus.COMPLETED:
             value = job_return._return_value
             if plan is not None and plan.skip:
                 record.status = "SKIPPED"
                 record.run_id = plan.previous_run_id
-                record.metrics = plan.metrics
-            else:
-                record.metrics = _final_metrics(record.run_dir, {})
+                record.metrics = plan.metrics  # MLflow's, as the sweep found them at its start
             if value is not None:
                 with contextlib.suppress(TypeError, ValueError):
                     record.objective = float(value)
-            if info.needs_number and record.objective is None:
+        else:
+            exc = job_return._return_value
+            error = str(exc).strip() or type(exc).__name__
+        if record.status != "SKIPPED":
+            if info.tracking_uri:
+                # MLflow is the record of a run's metrics; the run directory's metrics.json
+                # may belong to a later run that reused the directory.
+                record.run_id = _child_run_id(info, num, name, config, plan, error)
+                if record.run_id:
+                    record.metrics = _mlflow_metrics(info.tracking_uri, record.run_id, num)
+                    _log_swept_params(info, record.run_id, overrides)
+            else:
+                record.metrics = _metrics_file(record.run_dir)
+        if error is None and info.needs_number:
+            if record.objective is None:
                 known = ", ".join(sorted(record.metrics)) or "none"
                 error = (
                     f"trainer.objective={info.objective!r} gave {value!r}, not a number; the "
@@ -712,20 +892,13 @@ class SweepCallback(Callback):
                     "trainer.objective to one of them (and keep validation on for val/ ones)."
                 )
                 misconfigured = True
-            elif info.needs_number and math.isnan(record.objective or 0.0):
+            elif math.isnan(record.objective):
                 error = f"trainer.objective={info.objective!r} is NaN"
-        else:
-            exc = job_return._return_value
-            error = str(exc).strip() or type(exc).__name__
         if error is not None:
             record.status = "FAILED"
             record.note = error.strip().splitlines()[0]
             if not misconfigured:
                 say(f"xp: job #{num} ({name}) FAILED: {record.note}", file=sys.stderr)
-        if info.tracking_uri and record.run_id is None:
-            record.run_id = _child_run_id(info, num, name, config, plan, error)
-            if record.status == "FAILED" and not record.metrics and record.run_id:
-                record.metrics = _mlflow_metrics(info.tracking_uri, record.run_id)
         record.save(info.sweep_dir)
         if misconfigured:
             # Every later trial would fail the same way: stop the sweep now.
@@ -837,6 +1010,124 @@ def _experiment_id(client: Any, uri: str, name: str) -> str:
     return str(experiment.experiment_id)
 
 
+def _earlier_runs(uri: str, experiment_name: str, key: str) -> tuple[list[str], list[EarlierRun]]:
+    """The earlier runs of the sweep ``key``: (its parents' ids, newest first; its children).
+
+    One search by the tag :data:`SWEEP_KEY_TAG`, however many runs the experiment has.
+    """
+    from mlflow.entities import ViewType
+
+    try:
+        client = _client(uri)
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            return [], []
+        runs: list[Any] = []
+        token = None
+        while True:
+            page = client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.`{SWEEP_KEY_TAG}` = '{key}'",
+                run_view_type=ViewType.ACTIVE_ONLY,
+                order_by=["attributes.start_time DESC"],
+                max_results=1000,
+                page_token=token,
+            )
+            runs += list(page)
+            token = page.token
+            if not token:
+                break
+    except Exception as e:
+        _fail(
+            f"could not read the earlier runs of this sweep from {uri}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}. Check "
+            "tracking.tracking_uri / MLFLOW_TRACKING_URI, or sweep without tracking "
+            "(tracking=off)."
+        )
+        raise  # unreachable: _fail exits
+    parents = [r.info.run_id for r in runs if r.data.tags.get("xp.sweep_role") == "parent"]
+    children = [EarlierRun.from_run(r) for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def _grid_jobs(config: DictConfig, overrides: Sequence[str]) -> int | None:
+    """How many jobs Hydra's basic sweeper makes of these overrides; None for other sweepers."""
+    if str(config.hydra.sweeper.get("_target_", "")) != BASIC_SWEEPER:
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    hydra = GlobalHydra.instance()
+    loader = hydra.config_loader() if hydra.is_initialized() else None
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+    try:
+        parsed = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
+        return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+    except HydraException:  # Hydra reports it itself when the sweep starts
+        return None
+
+
+def announce(
+    earlier: Sequence[EarlierRun],
+    parents: Sequence[str],
+    jobs: int | None,
+    *,
+    tracked: bool,
+    fresh: bool,
+) -> str:
+    """What a sweep says when it starts: which of its jobs it will skip or resume, and why.
+
+    Args:
+        earlier: The children of earlier runs of this sweep.
+        parents: The parent runs of earlier runs of this sweep, newest first.
+        jobs: The number of jobs (a grid), or None when the sweeper makes them as it goes.
+        tracked: Whether tracking is on (skipping and resuming need MLflow).
+        fresh: ``sweep.fresh=true``.
+    """
+    count = "every job runs" if jobs is None else f"all {jobs} job{'s' * (jobs != 1)} run"
+    if not tracked:
+        return f"xp: {count}: with tracking off no job is skipped or resumed."
+    before = ""
+    if parents:
+        times = f"{len(parents)} times, last" if len(parents) > 1 else "parent"
+        before = f"this sweep ran before ({times} {parents[0]})"
+    if fresh:
+        return f"xp: sweep.fresh=true: {count} anew" + (f", although {before}." if before else ".")
+    if not before and not earlier:
+        return (
+            f"xp: a new sweep: {count} (runs outside this sweep are "
+            "never reused). Running the same command again skips the jobs it FINISHED and "
+            "resumes those it left KILLED; sweep.fresh=true runs everything anew."
+        )
+    if not before:
+        before = "this sweep ran before"
+    if jobs is None:
+        finished = sum(e.status == "FINISHED" for e in earlier)
+        killed = sum(e.status == "KILLED" for e in earlier)
+        return (
+            f"xp: {before}: {finished} of its runs FINISHED, {killed} KILLED. The sweeper "
+            "picks its jobs as it goes: each job says if it is skipped (its config FINISHED "
+            "there) or resumed; sweep.fresh=true runs everything anew."
+        )
+    skipped = resumed = 0
+    stopped: set[str] = set()
+    for num in range(jobs):
+        finished_run, stopped_run = reusable([e for e in earlier if e.job == num])
+        skipped += finished_run is not None
+        if stopped_run is not None:
+            resumed += 1
+            stopped.add(stopped_run.status)
+    how = "KILLED" if stopped <= {"KILLED"} else "stopped (KILLED, or RUNNING but dead)"
+    rest = jobs - skipped - resumed
+    return (
+        f"xp: {before}: {skipped} of {jobs} jobs FINISHED will be skipped, {resumed} {how} "
+        f"will be resumed, {rest} will run; sweep.fresh=true runs everything anew."
+    )
+
+
 def _create_parent(
     config: DictConfig, info: SweepInfo, overrides: Sequence[str], sweeper: str
 ) -> str:
@@ -854,6 +1145,8 @@ def _create_parent(
             "xp.overrides": " ".join(overrides),
             "xp.objective": info.objective,
             "xp.direction": info.direction,
+            "xp.swept_keys": ",".join(info.swept_keys),
+            SWEEP_KEY_TAG: info.sweep_key,
             "mlflow.source.name": "xp",
         }
         run = client.create_run(
@@ -912,9 +1205,11 @@ def _child_run_id(
         "xp.error": error[:5000],
         "mlflow.source.name": "xp",
     }
+    if info.sweep_key:
+        tags[SWEEP_KEY_TAG] = info.sweep_key
     if plan is not None:
         tags["xp.config_hash"] = plan.config_hash
-    run = client.create_run(experiment.experiment_id, run_name=name, tags=tags)
+    run = client.create_run(experiment.experiment_id, run_name=_run_name(name), tags=tags)
     params = [Param(k, v) for k, v in flatten_params(plain).items()]
     for start in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[start : start + 100])
@@ -922,11 +1217,54 @@ def _child_run_id(
     return str(run.info.run_id)
 
 
-def _mlflow_metrics(uri: str, run_id: str) -> dict[str, float]:
+def _mlflow_metrics(uri: str, run_id: str, num: int) -> dict[str, float]:
+    """A run's final metrics as MLflow has them: each metric's value at its last step."""
     try:
-        return {k: float(v) for k, v in _client(uri).get_run(run_id).data.metrics.items()}
-    except Exception:
+        metrics = _client(uri).get_run(run_id).data.metrics
+    except Exception as e:
+        say(
+            f"xp: could not read the metrics of job #{num} (run {run_id}) from {uri}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; the "
+            "summary shows none for it.",
+            file=sys.stderr,
+        )
         return {}
+    return {str(k): float(v) for k, v in metrics.items()}
+
+
+def swept_params(overrides: Sequence[str], swept: Sequence[str]) -> dict[str, str]:
+    """The job's values of the swept keys as params: ``{"_swept.optim.lr": "0.003"}``.
+
+    MLflow's compare view opens its parallel coordinates on the first three params (in
+    sort order) whose values differ between the runs; these sort first, so the swept
+    keys are the axes a user sees (see :data:`SWEPT_PARAM_PREFIX`).
+    """
+    keys = set(swept)
+    values = {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        key = key.lstrip("+~")
+        if sep and key in keys:
+            values[f"{SWEPT_PARAM_PREFIX}{key}"] = value
+    return flatten_params(values)
+
+
+def _log_swept_params(info: SweepInfo, run_id: str, overrides: Sequence[str]) -> None:
+    params = swept_params(overrides, info.swept_keys)
+    if not params or info.tracking_uri is None:
+        return
+    from mlflow.entities import Param
+
+    try:
+        _client(info.tracking_uri).log_batch(
+            run_id, params=[Param(k, v) for k, v in params.items()]
+        )
+    except Exception as e:  # the run and its own params are recorded; this only adds a view
+        say(
+            f"xp: could not add the swept values to run {run_id} ({', '.join(params)}): "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+            file=sys.stderr,
+        )
 
 
 # --------------------------------------------------------------------------- the summary
@@ -960,7 +1298,11 @@ def summary_rows(
 ) -> tuple[list[str], list[list[str]]]:
     """The summary table: header and rows, best job first."""
     ranked = rank_records(records, direction)
-    metrics = sorted({k for r in ranked for k in r.metrics} - {objective})
+    kind = objective.split("/")[0] + "/"  # val/acc: the other val/ metrics next to it
+    metrics = sorted(
+        {k for r in ranked for k in r.metrics} - {objective},
+        key=lambda m: (not m.startswith(kind), m),
+    )
     header = ["job", "overrides", "status", objective, *metrics, "run_id", "run_dir", "note"]
     rows = []
     for r in ranked:
@@ -980,10 +1322,6 @@ def summary_rows(
     return header, rows
 
 
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..." if width > 8 else text[:width]
-
-
 def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.6g}"
 
@@ -992,7 +1330,7 @@ def write_summary(
     sweep_dir: Path, records: Sequence[JobRecord], objective: str, direction: str
 ) -> str:
     """Write ``summary.csv`` and ``summary.md`` into the sweep directory; the terminal table."""
-    from xp.compare import format_table, markdown_table
+    from xp.compare import fit_table, format_table, markdown_table, terminal_width
 
     header, rows = summary_rows(records, objective, direction)
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
@@ -1006,17 +1344,25 @@ def write_summary(
         f"({direction})"
     )
     (sweep_dir / "summary.md").write_text(f"# {title}\n\n{markdown_table(header, rows)}\n")
-    # The terminal gets the short form: no directories, run ids cut to 8 characters.
+    # The terminal gets the short form: no directories, run ids cut to 8 characters, the
+    # columns that fit its width (every one is in summary.csv and summary.md).
     keep = [i for i, h in enumerate(header) if h not in ("overrides", "run_dir")]
     names = [
         "#" if header[i] == "job" else "run" if header[i] == "run_id" else header[i] for i in keep
     ]
     names.insert(1, "job")
-    short = []
-    for row in rows:
-        cells = [_cut(row[i], 8 if header[i] == "run_id" else 60) for i in keep]
-        short.append([cells[0], row[1], *cells[1:]])
-    return f"{title}\n{format_table(names, short)}\nSummary: {sweep_dir / 'summary.md'}"
+    ids = header.index("run_id")
+    short = [
+        [row[keep[0]], row[1], *(row[i][:8] if i == ids else row[i] for i in keep[1:])]
+        for row in rows
+    ]
+    width = terminal_width()
+    limits = {"job": 60, "note": 60}
+    shown, cells, left = fit_table(names, short, width, ["status", objective, "run"], limits)
+    note = ""
+    if left:
+        note = f"\n({', '.join(left)} did not fit in {width} characters: see the summary)"
+    return f"{title}\n{format_table(shown, cells)}{note}\nSummary: {sweep_dir / 'summary.md'}"
 
 
 def _close_parent(info: SweepInfo, records: Sequence[JobRecord], status: str) -> None:

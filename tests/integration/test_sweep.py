@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -77,12 +78,18 @@ def summary_rows(store, parent_id: str, tmp: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory, _empty_mlflow_db: Path):
-    """The 2x2 grid, run once, with MLFLOW_RUN_ID pointing at a run made beforehand."""
+    """The 2x2 grid, run once, with MLFLOW_RUN_ID pointing at a run made beforehand.
+
+    As a user following the README does, a plain run comes first: its config is the
+    grid's job ``optim=adamw,optim.lr=0.003`` (AdamW's default lr).
+    """
     workdir = tmp_path_factory.mktemp("grid")
     (workdir / "outputs").mkdir()
     shutil.copyfile(_empty_mlflow_db, workdir / "outputs" / "mlflow.db")
     store = client(workdir)
     outsider = store.create_run(store.create_experiment("elsewhere")).info.run_id
+    plain = cli(workdir, *FAST)
+    assert plain.returncode == 0, plain.stderr[-3000:]
     result = cli(workdir, *GRID, MLFLOW_RUN_ID=outsider)
     return workdir, result, outsider
 
@@ -90,13 +97,24 @@ def grid(tmp_path_factory: pytest.TempPathFactory, _empty_mlflow_db: Path):
 def test_grid_is_one_parent_with_four_nested_children(grid, tmp_path: Path) -> None:
     workdir, result, _ = grid
     assert result.returncode == 0, result.stderr[-3000:]
+    # The plain run before it is not part of this sweep: every job trains.
+    assert "xp: a new sweep: all 4 jobs run (runs outside this sweep are never reused)" in (
+        result.stderr
+    )
+    assert "skipping" not in result.stderr
     store = client(workdir)
     (parent,), children = sweep_runs(store)
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["xp.sweep_key"] == children[0].data.tags["xp.sweep_key"]
+    assert parent.data.tags["xp.swept_keys"] == "optim,optim.lr"
     assert {c.info.run_name for c in children} == GRID_NAMES
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert all(c.info.status == "FINISHED" for c in children)
     assert all(c.data.metrics["val/acc"] > 0 for c in children)
+    # The swept values, as params that MLflow's compare view plots first.
+    assert {
+        (c.data.params["_swept.optim"], c.data.params["_swept.optim.lr"]) for c in children
+    } == {("adamw", "0.001"), ("adamw", "0.003"), ("sgd", "0.001"), ("sgd", "0.003")}
     assert len({c.data.tags["xp.config_hash"] for c in children}) == 4
     assert parent.data.params["optim"] == "adamw,sgd"
     assert parent.data.params["optim.lr"] == "1e-3,3e-3"
@@ -140,25 +158,44 @@ def test_compare_prints_differing_params_and_metrics(grid, tmp_path: Path) -> No
     store = client(workdir)
     (parent, *_), _ = sweep_runs(store)
     out = tmp_path / "runs.csv"
-    result = cli(workdir, "compare", parent.info.run_id, "--csv", str(out))
+    result = cli(workdir, "compare", parent.info.run_id, "--csv", str(out), COLUMNS="200")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = lines[0].split()
-    assert header[:2] == ["run", "status"]
-    assert {"optim._target_", "optim.lr", "val/acc", "val/loss"} <= set(header)
+    # The objective first, then the swept values, the other metrics, what else differs.
+    assert header[:5] == ["run", "status", "val/acc", "val/loss", "train/epoch"]
+    assert {"_swept.optim", "_swept.optim.lr", "run_id"} <= set(header)
     assert "trainer.max_steps" not in header  # the same in every run
     assert "model.hidden_sizes" not in header
+    assert max(map(len, lines)) <= 200
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["run"] for r in rows} == GRID_NAMES
     accs = [float(r["val/acc"]) for r in rows]
     assert accs == sorted(accs, reverse=True)  # the sweep's objective, best first
+    # The file keeps every param, also those the same in every run.
+    assert {r["trainer.max_steps"] for r in rows} == {"20"}
+    assert all(r["optim._target_"].startswith("torch.optim.") for r in rows)
 
-    by_loss = cli(workdir, "compare", "default", "--sort", "val/loss")
+    by_loss = cli(workdir, "compare", "default", "--sort", "val/loss", COLUMNS="100")
     assert by_loss.returncode == 0, by_loss.stderr
-    names = [line.split()[0] for line in by_loss.stdout.splitlines()[2:]]
-    losses = {c.info.run_name: c.data.metrics["val/loss"] for c in sweep_runs(store)[1]}
+    lines = by_loss.stdout.splitlines()
+    assert max(map(len, lines)) <= 100  # fitted to the terminal
+    assert lines[0].split()[:3] == ["run", "status", "val/loss"]
+    assert "--all prints every column" in by_loss.stderr
+    names = [line.split()[0] for line in lines[2:]]
+    exp = store.get_experiment_by_name("default")
+    runs = store.search_runs([exp.experiment_id])
+    losses = {
+        r.info.run_name: r.data.metrics["val/loss"]
+        for r in runs
+        if r.data.tags.get("xp.sweep_role") != "parent"
+    }
+    assert len(losses) == 5  # the grid's jobs and the plain run before it
     assert names == sorted(losses, key=losses.get)  # a loss sorts lowest first
+    everything = cli(workdir, "compare", "default", "--all", COLUMNS="100")
+    assert everything.returncode == 0, everything.stderr
+    assert {"trainer.max_steps", "optim._target_", "run_id"} <= set(everything.stdout.split())
 
 
 def test_compare_bad_input_is_one_error_and_writes_nothing(grid, tmp_path: Path) -> None:
@@ -182,9 +219,18 @@ def test_compare_bad_input_is_one_error_and_writes_nothing(grid, tmp_path: Path)
 def test_rerunning_the_sweep_skips_finished_jobs(grid, tmp_path: Path) -> None:
     workdir, _, _ = grid
     store = client(workdir)
-    _, before = sweep_runs(store)
+    (first,), before = sweep_runs(store)
+    # A later run reused a job's directory: its metrics.json no longer says what MLflow has.
+    overwritten = before[0]
+    (Path(overwritten.data.tags["xp.run_dir"]) / "metrics.json").write_text(
+        json.dumps({"val/acc": 0.0123, "val/loss": 99.0})
+    )
     result = cli(workdir, *GRID)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        f"xp: this sweep ran before (parent {first.info.run_id}): 4 of 4 jobs FINISHED will be "
+        "skipped, 0 KILLED will be resumed, 0 will run; sweep.fresh=true runs everything anew."
+    ) in result.stderr
     assert result.stderr.count("xp: skipping job #") == 4
     parents, after = sweep_runs(store)
     assert len(parents) == 2 and len(after) == 4  # no job trained again
@@ -193,17 +239,46 @@ def test_rerunning_the_sweep_skips_finished_jobs(grid, tmp_path: Path) -> None:
     assert {r["run_id"] for r in rows} == {c.info.run_id for c in before}
     accs = [float(r["val/acc"]) for r in rows]
     assert accs == sorted(accs, reverse=True)
+    # MLflow is the record of a run's metrics, not the directory's file.
+    (row,) = [r for r in rows if r["run_id"] == overwritten.info.run_id]
+    assert float(row["val/acc"]) == pytest.approx(overwritten.data.metrics["val/acc"], rel=1e-5)
     newest = sweep_dirs(workdir)[-1]
     assert not [p for p in newest.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
-    # sweep.fresh=true trains the job again, as a new child run.
-    fresh = cli(workdir, "-m", "optim=sgd", "optim.lr=1e-3", *FAST, "sweep.fresh=true")
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    # Another sweep runs its job, although the grid FINISHED the same config
+    # (target_allowlist is not part of it); its 400-character overrides name the job's
+    # folder within the file-name limit.
+    allow = "target_allowlist=[" + ",".join(f"my_package_{i:02d}." for i in range(27)) + "]"
+    sub = ("-m", "optim=sgd", "optim.lr=1e-3", allow, *FAST)
+    assert len(",".join(sub[1:])) > 400
+    other = cli(workdir, *sub)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert "xp: a new sweep: all 1 job run" in other.stderr
+    assert "skipping" not in other.stderr
     parents, children = sweep_runs(store)
     assert len(children) == 5
-    assert children[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    child = children[0]
+    assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert child.info.status == "FINISHED"
+    job_dir = Path(child.data.tags["xp.run_dir"])
+    assert job_dir.parent == sweep_dirs(workdir)[-1].resolve()
+    assert job_dir.name.startswith("0_optim.lr=0.001,optim=sgd,target_allowlist=[my_package_00.")
+    assert len(job_dir.name) <= 120
+    assert allow in child.data.tags["xp.overrides"]  # the full overrides: in the run...
+    assert allow in (job_dir / ".hydra" / "overrides.yaml").read_text()  # ...and in .hydra/
     # Nothing swept: the job is named by all its overrides.
-    assert children[0].info.run_name.startswith("optim=sgd,optim.lr=0.001,")
+    assert child.info.run_name.startswith("optim=sgd,optim.lr=0.001,target_allowlist=")
+
+    # sweep.fresh=true trains the job again, as a new child run.
+    fresh = cli(workdir, *sub, "sweep.fresh=true")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert (
+        "xp: sweep.fresh=true: all 1 job run anew, although this sweep ran before (parent "
+        f"{parents[0].info.run_id})."
+    ) in fresh.stderr
+    parents, children = sweep_runs(store)
+    assert len(children) == 6
+    assert children[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
 
 
 def test_a_failed_job_is_a_failed_child_and_the_sweep_carries_on(xp, workdir: Path, store) -> None:
@@ -387,6 +462,11 @@ def test_a_killed_job_resumes_when_the_sweep_runs_again(workdir: Path, store, st
         timeout=300,
     )
     assert again.returncode == 0, again.stderr[-3000:]
+    how = "KILLED" if stop == signal.SIGTERM else "stopped (KILLED, or RUNNING but dead)"
+    assert (
+        f"xp: this sweep ran before (parent {parent.info.run_id}): 1 of 2 jobs FINISHED will be "
+        f"skipped, 1 {how} will be resumed, 0 will run;"
+    ) in again.stderr
     assert "skipping job #0 (trainer.max_steps=20)" in again.stderr
     how = "KILLED run" if stop == signal.SIGTERM else "run left RUNNING by a process that is gone,"
     assert f"resumed {how} {killed.info.run_id}" in again.stderr
@@ -502,3 +582,17 @@ def test_sweep_against_a_server_through_rest_and_the_browser(
     assert parent["info"]["run_name"] in dom
     assert "optim=adamw" in dom and "optim=sgd" in dom, dom[-2000:]
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+    # MLflow's compare view of the jobs opens on parallel coordinates over the first three
+    # differing params in sort order, and the first metric: the swept values come first.
+    ids = urllib.parse.quote(json.dumps([c["info"]["run_id"] for c in children]), safe="")
+    exps = urllib.parse.quote(json.dumps([experiment["experiment_id"]]), safe="")
+    compare = f"{server}/#/compare-runs?runs={ids}&experiments={exps}"
+    dom = subprocess.run(
+        [*common, "--window-size=1600,1400", "--dump-dom", compare],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    ).stdout
+    axes = re.findall(r'class="axis-title"[^>]*data-unformatted="([^"]*)"', dom)
+    assert axes[:1] == ["_swept.optim"], axes or dom[-2000:]

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 
 from xp.compare import format_table, markdown_table
-from xp.sweep import JobRecord, config_hash, direction_of, rank_records, sweep_arguments
+from xp.sweep import (
+    JOB_DIR_OVERRIDES_BYTES,
+    SWEEP_KEY_TAG,
+    EarlierRun,
+    JobRecord,
+    _earlier_runs,
+    announce,
+    config_hash,
+    direction_of,
+    job_dir_name,
+    rank_records,
+    reusable,
+    sweep_arguments,
+    sweep_key,
+    swept_params,
+)
 
 
 def test_config_hash_ignores_where_a_run_is_recorded_but_not_what_it_computes() -> None:
@@ -73,3 +90,204 @@ def test_tables() -> None:
     text = format_table(["run", "val/acc"], [["a", "0.5"], ["bb", "0.75"]])
     assert text.splitlines() == ["run  val/acc", "---  -------", "a        0.5", "bb      0.75"]
     assert markdown_table(["a|b"], [["1"]]).splitlines() == ["| a\\|b |", "| --- |", "| 1 |"]
+
+
+# --------------------------------------------------------------------------- same sweep
+
+
+def test_sweep_key_is_the_command_not_its_order_nor_its_sweep_settings() -> None:
+    basic = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+    launcher = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    key = sweep_key("default", ["optim=adamw,sgd", "optim.lr=1e-3,3e-3"], basic, launcher)
+    again = ["optim.lr=1e-3,3e-3", "optim=adamw,sgd", "sweep.fresh=true", "+sweep.direction=max"]
+    assert sweep_key("default", again, basic, launcher) == key
+    others = [
+        sweep_key("default", ["optim.lr=1e-3,3e-3"], basic, launcher),  # the README's joblib line
+        sweep_key("other", ["optim=adamw,sgd", "optim.lr=1e-3,3e-3"], basic, launcher),
+        sweep_key("default", ["optim=adamw,sgd", "optim.lr=1e-3,3e-3"], "Optuna", launcher),
+        sweep_key("default", ["optim=adamw,sgd", "optim.lr=1e-3,3e-3"], basic, "Joblib"),
+        sweep_key(
+            "default", ["optim=adamw,sgd", "optim.lr=1e-3,3e-3"], basic, launcher, {"a": "1,2"}
+        ),
+    ]
+    assert len({key, *others}) == 6
+
+
+def _earlier(run_id: str, status: str, job: int, start: int, digest: str = "h") -> EarlierRun:
+    return EarlierRun(run_id, status, digest, job, "parent", None, start)
+
+
+def test_a_finished_run_wins_else_the_newest_stopped_one_resumes() -> None:
+    done, killed, failed = (
+        _earlier("done", "FINISHED", 0, 1),
+        _earlier("killed", "KILLED", 0, 3),
+        _earlier("failed", "FAILED", 0, 2),
+    )
+    assert reusable([killed, done, failed]) == (done, None)
+    assert reusable([failed, killed]) == (None, killed)
+    assert reusable([killed, _earlier("failed", "FAILED", 0, 4)]) == (None, None)  # newest failed
+    assert reusable([]) == (None, None)
+
+
+def test_the_start_of_a_sweep_says_what_it_skips_and_resumes() -> None:
+    earlier = [
+        *[_earlier(f"f{n}", "FINISHED", n, n) for n in range(3)],
+        _earlier("k", "KILLED", 3, 9),
+        _earlier("x", "FAILED", 4, 9),
+        _earlier("old", "FINISHED", 9, 1),  # a job this grid no longer has
+    ]
+    text = announce(earlier, ["p2", "p1"], 8, tracked=True, fresh=False)
+    assert text == (
+        "xp: this sweep ran before (2 times, last p2): 3 of 8 jobs FINISHED will be skipped, "
+        "1 KILLED will be resumed, 4 will run; sweep.fresh=true runs everything anew."
+    )
+    new = announce([], [], 4, tracked=True, fresh=False)
+    assert new.startswith("xp: a new sweep: all 4 jobs run (runs outside this sweep are never")
+    assert "sweep.fresh=true runs everything anew" in new
+    fresh = announce(earlier, ["p2"], 8, tracked=True, fresh=True)
+    assert (
+        fresh
+        == "xp: sweep.fresh=true: all 8 jobs run anew, although this sweep ran before (parent p2)."
+    )
+    lazy = announce(earlier, ["p2"], None, tracked=True, fresh=False)
+    assert lazy.startswith(
+        "xp: this sweep ran before (parent p2): 4 of its runs FINISHED, 1 KILLED."
+    )
+    assert "each job says if it is skipped" in lazy
+    assert "no job is skipped or resumed" in announce([], [], 2, tracked=False, fresh=False)
+
+
+def test_earlier_runs_are_those_of_the_same_sweep_only(mlflow_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    experiment = client.create_experiment("default")
+    same = {"xp.config_hash": "h0"}
+    plain = client.create_run(experiment, tags=same).info.run_id  # `python -m xp`, no sweep
+    client.set_terminated(plain, "FINISHED")
+    parent = client.create_run(
+        experiment, tags={SWEEP_KEY_TAG: "k1", "xp.sweep_role": "parent"}
+    ).info.run_id
+    child = client.create_run(
+        experiment,
+        tags={**same, SWEEP_KEY_TAG: "k1", "mlflow.parentRunId": parent, "xp.sweep_job": "0"},
+    ).info.run_id
+    client.log_metric(child, "val/acc", 0.25, step=1)
+    client.log_metric(child, "val/acc", 0.75, step=2)  # the final step's value counts
+    client.set_terminated(child, "KILLED")
+    other = client.create_run(
+        experiment, tags={**same, SWEEP_KEY_TAG: "k2", "mlflow.parentRunId": "elsewhere"}
+    ).info.run_id
+    client.set_terminated(other, "FINISHED")
+
+    parents, runs = _earlier_runs(mlflow_uri, "default", "k1")
+    assert parents == [parent]
+    (run,) = runs
+    assert (run.run_id, run.status, run.job, run.parent_run_id) == (child, "KILLED", 0, parent)
+    assert run.metrics == {"val/acc": 0.75}
+    assert reusable(runs) == (None, run)  # the plain FINISHED run with this config is not reused
+    assert _earlier_runs(mlflow_uri, "nowhere", "k1") == ([], [])
+
+
+# --------------------------------------------------------------------------- job folders
+
+
+def test_a_long_override_list_gives_a_short_job_folder() -> None:
+    overrides = "target_allowlist=[" + ",".join(f"package_{i:03d}." for i in range(30)) + "]"
+    assert len(overrides) > 400
+    name = job_dir_name(7, overrides)
+    assert name.startswith("7_target_allowlist=[package_000.")
+    # The folder, and a log file named after it inside it, fit the 255-byte file-name limit.
+    assert len(f"{name}.log".encode()) < 255
+    assert job_dir_name(7, overrides[:-5] + "X.]") != name  # a cut keeps jobs apart
+    assert job_dir_name(0, "optim.lr=0.001,optim=sgd") == "0_optim.lr=0.001,optim=sgd"
+    assert job_dir_name(1, "") == "1_"
+    assert "/" not in job_dir_name(2, "data.root=/tmp/digits")
+    wide = job_dir_name(3, "experiment_name=" + "é" * 200)  # 2 bytes a character
+    assert len(wide.encode()) <= 2 + JOB_DIR_OVERRIDES_BYTES + 9
+    wide.encode().decode()  # cut between characters, never inside one
+
+
+def test_swept_values_become_params_that_sort_first() -> None:
+    params = swept_params(
+        ["optim=sgd", "optim.lr=0.003", "trainer.max_steps=20"], ["optim", "optim.lr"]
+    )
+    assert params == {"_swept.optim": "sgd", "_swept.optim.lr": "0.003"}
+    # MLflow's compare view plots the first three differing params in sort order.
+    assert sorted([*params, "checkpoint.keep", "data.batch_size", "model.dropout"])[:2] == list(
+        params
+    )
+
+
+# --------------------------------------------------------------------------- xp compare
+
+
+@pytest.fixture
+def many_params(mlflow_uri: str) -> str:
+    """Three runs of 121 params (60 differ between them) and an empty run that failed early."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(mlflow_uri)
+    experiment = client.create_experiment("default")
+    for n in range(3):
+        run = client.create_run(experiment, run_name=f"run{n}").info.run_id
+        params = [Param(f"same.key_{i:02d}", "x") for i in range(60)]
+        params += [Param(f"model.layer_{i:02d}", f"value-{n}-{i}" * 3) for i in range(60)]
+        params.append(Param("_swept.optim.lr", str(0.001 * (n + 1))))
+        for start in range(0, len(params), 100):
+            client.log_batch(run, params=params[start : start + 100])
+        metrics = {"val/acc": 0.5 + n / 10, "val/loss": 1.0 - n / 10, "train/loss": 2.0}
+        client.log_batch(run, metrics=[Metric(k, v, 0, 10) for k, v in metrics.items()])
+        client.set_terminated(run, "FINISHED")
+    empty = client.create_run(experiment, run_name="failed-early").info.run_id
+    client.set_terminated(empty, "FAILED")
+    return mlflow_uri
+
+
+def test_compare_fits_the_terminal_and_keeps_everything_in_all_and_csv(
+    many_params: str, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from xp.compare import main
+
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["default", "--tracking-uri", many_params]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 6 and max(map(len, lines)) <= 100
+    # Metrics first (validation ones before the rest), then the swept values.
+    assert lines[0].split()[:6] == [
+        "run",
+        "status",
+        "val/acc",
+        "val/loss",
+        "_swept.optim.lr",
+        "run_id",
+    ]
+    assert "same.key_00" not in out
+    assert "xp: 61 more columns did not fit in 100 characters (train/loss, model.layer_00," in err
+    assert "--all prints every column, --csv FILE writes them." in err
+
+    table = tmp_path / "runs.csv"
+    assert main(["default", "--tracking-uri", many_params, "--all", "--csv", str(table)]) == 0
+    out, _ = capsys.readouterr()
+    header = out.splitlines()[0].split()
+    assert len(header) == 2 + 3 + 121 + 1  # run, status, every metric, every param, run_id
+    assert "value-2-59" * 3 in out  # values in full
+    with open(table, newline="") as f:
+        assert next(csv.reader(f)) == header
+
+
+def test_a_run_without_params_does_not_make_every_param_differ(many_params: str) -> None:
+    from mlflow import MlflowClient
+
+    from xp.compare import compare_table
+
+    client = MlflowClient(many_params)
+    runs = client.search_runs([client.get_experiment_by_name("default").experiment_id])
+    assert len(runs) == 4
+    header, rows = compare_table(runs, "val/acc", None)
+    assert header[:4] == ["run", "status", "val/acc", "val/loss"]
+    assert [row[0] for row in rows] == ["run2", "run1", "run0", "failed-early"]
+    assert "same.key_00" not in header and "model.layer_00" in header
+    assert header.index("_swept.optim.lr") < header.index("model.layer_00")
