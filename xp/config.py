@@ -61,6 +61,18 @@ class NonFinite(str, Enum):
     skip = "skip"
 
 
+class ScheduleExtension(str, Enum):
+    """What the LR phases without ``end`` do when a resumed run is longer than it was."""
+
+    restart = "restart"
+    """A warm restart (SGDR): they start again over the added steps, from the base lr."""
+    stretch = "stretch"
+    """They take the windows this length gives them, as if it had been the length from the
+    start; the lr moves to where that schedule is (Hugging Face's Trainer does this)."""
+    hold = "hold"
+    """They end where they ended; the lr holds at its last value (mmengine, Lightning)."""
+
+
 class Loss(str, Enum):
     """The loss of the supervised step, between the model's output and the targets."""
 
@@ -526,6 +538,10 @@ class TrainerConfig:
     """A progress bar over steps; null: only when stderr is a terminal."""
     nonfinite: NonFinite = NonFinite.stop
     """A NaN/inf loss: stop (checked every log step) or skip that batch (checked every step)."""
+    extend_schedule: ScheduleExtension = ScheduleExtension.restart
+    """A run resumed with a longer max_epochs/max_steps: the LR phases without ``end`` start
+    again over the added steps (restart), are stretched to the new end (stretch), or stay
+    ended, the lr holding (hold)."""
 
 
 @dataclass

@@ -18,6 +18,15 @@ windows into the calls torch expects:
   ``OneCycleLR``, which sets the lr outright.
 - At an epoch boundary the caller steps step-based phases (``step_iter``) before
   epoch-based ones (``step_epoch``).
+
+A run resumed with another training length (an extended run) first gets back the schedule
+it saved (:meth:`LRSchedule.load_state_dict`), then :meth:`LRSchedule.extend` fits the
+phases without an ``end`` (those that run to the end of training) to the new length, by
+the run's :class:`~xp.config.ScheduleExtension`: ``restart`` (a warm restart, as SGDR:
+they start again over the added steps), ``stretch`` (the schedule the new length would
+have had from the start) or ``hold`` (they end where they ended; the lr holds). The
+windows of those phases are kept as *cycles*, ``[start, stop)`` in optimizer steps,
+saved with the schedule, so a resumed extension continues exactly.
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ from torch.optim.lr_scheduler import (
     PolynomialLR,
     StepLR,
 )
+
+from xp.config import ScheduleExtension
 
 __all__ = ["LRSchedule", "Phase"]
 
@@ -138,11 +149,22 @@ class _Window:
     end: int
     by_epoch: bool
     spec: _Spec
+    cycle: int = 0
+    """Which cycle of a phase without ``end`` (0: the first, or a phase with an end)."""
+    index: int = 0
+    """The phase's place in the schedule."""
     scheduler: LRScheduler | None = None
 
     @property
     def name(self) -> str:
         return self.phase.name
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.index, self.cycle)
+
+    def unit(self, count: int) -> str:
+        return f"{'epoch' if self.by_epoch else 'step'} {count}"
 
 
 class _ScratchOptimizer(torch.optim.Optimizer):
@@ -198,8 +220,19 @@ def _class_and_kwargs(phase: Phase) -> tuple[type, dict[str, Any]]:
     return target, {k: v.value if isinstance(v, Enum) else v for k, v in kwargs.items()}
 
 
-def _resolve(phase: Phase, *, epoch_length: int, total_steps: int) -> _Window | None:
-    """The phase's window in its stepping unit, or None when it opens after training ends."""
+def _resolve(
+    phase: Phase,
+    *,
+    epoch_length: int,
+    total_steps: int,
+    cycles: Sequence[tuple[int, int]],
+) -> list[_Window]:
+    """The phase's windows in its stepping unit.
+
+    One window for a phase with an ``end``; for one without, a window per cycle (the
+    first from the phase's own ``begin``, the later ones from the cycle's start). None
+    when the phase opens after training ends.
+    """
     name = phase.name
     cls, kwargs = _class_and_kwargs(phase)
     spec = next((_SPECS[c] for c in cls.__mro__ if c in _SPECS), None)
@@ -235,56 +268,74 @@ def _resolve(phase: Phase, *, epoch_length: int, total_steps: int) -> _Window | 
     total_epochs = math.ceil(total_steps / epoch_length)
     unit, total = ("epochs", total_epochs) if phase.by_epoch else ("steps", total_steps)
     begin = phase.begin
-    end = total if phase.end is None else phase.end
     if begin < 0:
         raise ValueError(f"{name}.begin={begin} is negative; set {name}.begin >= 0.")
-    if phase.end is not None and begin < end and begin >= total:
+    if begin >= total and (phase.end is None or begin < phase.end):
         # A short smoke run (trainer.max_epochs=1) must not fail on the full run's schedule.
         warnings.warn(
             f"{name} begins at {begin} {unit}, after training ends ({total} {unit}); it is "
             "skipped.",
             stacklevel=3,
         )
-        return None
-    if phase.end is None and begin >= total:
-        warnings.warn(
-            f"{name} begins at {begin} {unit}, after training ends ({total} {unit}); it is "
-            "skipped.",
-            stacklevel=3,
-        )
-        return None
-    if end > total:
-        warnings.warn(
-            f"Training ends ({total} {unit}) inside {name}'s window [{begin}, {end}); the "
-            "phase keeps its shape and does not finish.",
-            stacklevel=3,
-        )
-    if begin >= end:
-        end_key = f"{name}.end={end}" if phase.end is not None else f"the end of training ({end})"
-        raise ValueError(
-            f"{name}.begin={begin} is not before {end_key} ({unit}); the window "
-            f"[begin, end) must hold at least one; set {name}.begin < {end}."
-        )
+        return []
+    by_epoch = phase.by_epoch and not phase.convert_to_iter_based
+    # (cycle, begin, end) in the unit the window is stepped in.
+    spans: list[tuple[int, int, int]]
+    if phase.end is not None:
+        end = phase.end
+        if end > total:
+            warnings.warn(
+                f"Training ends ({total} {unit}) inside {name}'s window [{begin}, {end}); the "
+                "phase keeps its shape and does not finish.",
+                stacklevel=3,
+            )
+        if begin >= end:
+            raise ValueError(
+                f"{name}.begin={begin} is not before {name}.end={end} ({unit}); the window "
+                f"[begin, end) must hold at least one; set {name}.begin < {end}."
+            )
+        scale = epoch_length if phase.convert_to_iter_based else 1
+        spans = [(0, begin * scale, end * scale)]
+    else:
+        if phase.convert_to_iter_based:
+            begin *= epoch_length
 
-    by_epoch = phase.by_epoch
+        def unit_of(steps: int) -> int:
+            # A cycle ends (and the next starts) at the end of the epoch its step falls in.
+            return math.ceil(steps / epoch_length) if by_epoch else steps
+
+        spans = []
+        for cycle, (start, stop) in enumerate(cycles):
+            first = begin if cycle == 0 else max(begin, unit_of(start))
+            if first < unit_of(stop):
+                spans.append((cycle, first, unit_of(stop)))
     if phase.convert_to_iter_based:
         spec.convert(kwargs, epoch_length)
-        begin *= epoch_length
-        # The end of training in steps, which a partial last epoch may cut short.
-        end = total_steps if phase.end is None else end * epoch_length
-        by_epoch = False
-    if spec.window_kwarg is not None:
-        kwargs[spec.window_kwarg] = end - begin
-    if cls is MultiStepLR:
-        late = [m for m in kwargs.get("milestones", ()) if m >= end - begin]
+    windows = []
+    for cycle, first, last in spans:
+        window_kwargs = dict(kwargs)
+        if spec.window_kwarg is not None:
+            window_kwargs[spec.window_kwarg] = last - first
+        windows.append(_Window(phase, cls, window_kwargs, first, last, by_epoch, spec, cycle))
+    if cls is MultiStepLR and spans:
+        length = spans[0][2] - spans[0][1]
+        late = [m for m in kwargs.get("milestones", ()) if m >= length]
         if late:
             warnings.warn(
                 f"{name}.milestones: {late} (counted from begin) fall at or after the "
-                f"window's end ({end - begin} {'epochs' if by_epoch else 'steps'} after "
+                f"window's end ({length} {'epochs' if by_epoch else 'steps'} after "
                 "begin) and are ignored.",
                 stacklevel=3,
             )
-    return _Window(phase, cls, kwargs, begin, end, by_epoch, spec)
+    return windows
+
+
+def _names(keys: Sequence[tuple[str, int]]) -> list[str]:
+    return [name if cycle == 0 else f"{name} (cycle {cycle + 1})" for name, cycle in keys]
+
+
+def _span(window: _Window) -> tuple[int, int]:
+    return (window.begin, window.end)
 
 
 def _build(window: _Window, optimizer: torch.optim.Optimizer) -> LRScheduler:
@@ -344,14 +395,20 @@ class LRSchedule:
                 "must be >= 1; train for at least one optimizer step."
             )
         self.optimizer = optimizer
+        self._phases = tuple(phases)
         self._epoch_length = epoch_length
+        self._target_steps = total_steps
+        """This run's length, which :meth:`extend` fits a restored schedule to."""
+        self._total_steps = total_steps
+        """The length the windows are built for (a restored schedule's until extended)."""
+        self._cycles = [(0, total_steps)]
+        """The windows of the phases without ``end``, in optimizer steps."""
         for group in optimizer.param_groups:
             lr = group["lr"]
             group.setdefault("initial_lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
         # Kept apart from group["initial_lr"], which OneCycleLR overwrites with max_lr / div_factor.
         self._base_lrs = [float(g["initial_lr"]) for g in optimizer.param_groups]
-        resolved = (_resolve(p, epoch_length=epoch_length, total_steps=total_steps) for p in phases)
-        self._windows = [w for w in resolved if w is not None]
+        self._windows = self._resolve(total_steps, self._cycles)
         scratch = _ScratchOptimizer(optimizer)
         for window in self._windows:
             _try_build(window, scratch)
@@ -377,7 +434,8 @@ class LRSchedule:
         self._advance(by_epoch=True)
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, base lrs, the lr-related param group entries and each open phase's state.
+        """Counters, base lrs, length and cycles, the lr-related param group entries and each
+        open phase's state.
 
         Plain containers and numbers only: it loads with ``torch.load(weights_only=True)``.
         """
@@ -385,6 +443,8 @@ class LRSchedule:
             "steps": self._steps,
             "epochs": self._epochs,
             "base_lrs": list(self._base_lrs),
+            "total_steps": self._total_steps,
+            "cycles": [list(cycle) for cycle in self._cycles],
             "param_groups": [
                 {k: _plain(g[k]) for k in _GROUP_KEYS if k in g}
                 for g in self.optimizer.param_groups
@@ -392,6 +452,7 @@ class LRSchedule:
             "phases": [
                 {
                     "name": w.name,
+                    "cycle": w.cycle,
                     "scheduler": None
                     if w.scheduler is None
                     else copy.deepcopy(w.scheduler.state_dict()),
@@ -403,18 +464,30 @@ class LRSchedule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores what :meth:`state_dict` returned, so the lr sequence continues exactly.
 
-        Call it on a schedule built with the same phases and training length, before or
-        after loading the optimizer's own state.
+        The schedule comes back as it was saved, for the training length it was saved
+        with; when this run is longer or shorter, :meth:`extend` then fits it to this
+        run's length. Call it on a schedule built with the same phases, before or after
+        loading the optimizer's own state.
 
         Raises:
             ValueError: The checkpoint's phases or windows differ from this schedule's.
         """
-        names = [w.name for w in self._windows]
-        saved_names = [p["name"] for p in state["phases"]]
-        if saved_names != names:
+        if "total_steps" in state:
+            total = int(state["total_steps"])
+            cycles = [(int(start), int(stop)) for start, stop in state["cycles"]]
+            with warnings.catch_warnings():
+                # This run's own schedule warned when it was built.
+                warnings.simplefilter("ignore")
+                windows = self._resolve(total, cycles)
+        else:  # saved before schedules recorded their length: taken to be this run's
+            total, cycles, windows = self._total_steps, self._cycles, self._windows
+        saved_keys = [(p["name"], int(p.get("cycle", 0))) for p in state["phases"]]
+        keys = [(w.name, w.cycle) for w in windows]
+        if saved_keys != keys:
             raise ValueError(
-                f"The checkpoint's LR schedule has phases {saved_names}, this run's scheduler "
-                f"has {names}; resume with the scheduler config the run was started with."
+                f"The checkpoint's LR schedule has phases {_names(saved_keys)}, this run's "
+                f"scheduler has {_names(keys)}; resume with the scheduler config the run was "
+                "started with."
             )
         groups = self.optimizer.param_groups
         if len(state["param_groups"]) != len(groups):
@@ -422,6 +495,10 @@ class LRSchedule:
                 f"The checkpoint's LR schedule covers {len(state['param_groups'])} param "
                 f"groups, the optimizer has {len(groups)}; resume with the same optim config."
             )
+        for window, saved in zip(windows, state["phases"], strict=True):
+            if saved["scheduler"] is not None:
+                self._check_window(window, saved["scheduler"])
+        self._windows, self._total_steps, self._cycles = windows, total, cycles
         self._steps = int(state["steps"])
         self._epochs = int(state["epochs"])
         self._base_lrs = [float(lr) for lr in state["base_lrs"]]
@@ -429,7 +506,6 @@ class LRSchedule:
             window.scheduler = None
             if saved["scheduler"] is None:
                 continue
-            self._check_window(window, saved["scheduler"])
             # Building mutates the param groups; they are restored below.
             scheduler = _build(window, self.optimizer)
             scheduler.load_state_dict(copy.deepcopy(saved["scheduler"]))
@@ -438,11 +514,82 @@ class LRSchedule:
             for key, value in values.items():
                 _set(group, key, value)
 
+    def extend(self, policy: ScheduleExtension) -> str | None:
+        """Fit a restored schedule to this run's training length; say what changed.
+
+        The phases without ``end`` ran to the end of the saved run. On a longer run they
+        start again over the added steps (``restart``), take the windows they would have
+        had on this length from the start, the lr following them from here (``stretch``),
+        or keep their windows, the lr holding after them (``hold``). A shorter run keeps
+        the saved schedule and ends inside it, except with ``stretch``. Phases with an
+        ``end`` keep their windows; one that began after the saved run's end opens when
+        its window begins.
+
+        Returns:
+            What the schedule does from here on, or None when the length is unchanged.
+        """
+        old, new = self._total_steps, self._target_steps
+        if old == new:
+            return None
+        cycles = list(self._cycles)
+        if policy is ScheduleExtension.stretch:
+            cycles = [c for c in cycles if c[0] < new]
+            cycles[-1] = (cycles[-1][0], new)
+        elif policy is ScheduleExtension.restart and new > old:
+            cycles.append((old, new))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the schedule of this length warned when built
+            windows = self._resolve(new, cycles)
+        before = {w.key: w for w in self._windows}
+        added = [w for w in windows if w.key not in before]
+        scratch = _ScratchOptimizer(self.optimizer)
+        for window in added:
+            _try_build(window, scratch)
+        moved = [w for w in windows if w.key in before and (w.begin, w.end) != _span(before[w.key])]
+        self._windows, self._total_steps, self._cycles = windows, new, cycles
+        if moved:
+            # A window that changed length cannot keep its scheduler's state: replay.
+            self.fast_forward(steps=self._steps, epochs=self._epochs)
+        else:
+            for window in windows:
+                if window.key in before:
+                    window.scheduler = before[window.key].scheduler
+            # Opened as the loop would have opened them here: step-based ones first.
+            for by_epoch in (False, True):
+                for window in added:
+                    due = window.by_epoch == by_epoch and self._position(window) == window.begin
+                    if due and window.scheduler is None:
+                        self._open(window)
+        return self._describe_extension(policy, old, new, added, moved, before)
+
+    def lrs_ahead(self, steps: int) -> list[float]:
+        """The lr (of the first param group) at each of the next ``steps`` optimizer steps.
+
+        Computed on a copy of the schedule; this one and its optimizer are left as they are.
+        """
+        scratch = _ScratchOptimizer(self.optimizer)
+        lrs = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no optimizer steps, and the phases warned already
+            twin = LRSchedule(
+                scratch,
+                self._phases,
+                epoch_length=self._epoch_length,
+                total_steps=self._total_steps,
+            )
+            twin.load_state_dict(self.state_dict())
+            for _ in range(steps):
+                lrs.append(float(scratch.param_groups[0]["lr"]))
+                twin.step_iter()
+                if twin._steps % self._epoch_length == 0:
+                    twin.step_epoch()
+        return lrs
+
     def fast_forward(self, *, steps: int, epochs: int) -> None:
         """Replay the schedule from its start to ``steps`` optimizer steps and ``epochs`` epochs.
 
-        For a run resumed with a new training length (an extended run), whose saved
-        schedule no longer fits: the lr continues on the schedule of the new length.
+        For a run resumed with a schedule that no longer fits the saved one: the lr
+        continues on this schedule as if it had been followed from the start.
         """
         for group, base_lr in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
             _set(group, "lr", base_lr)
@@ -462,6 +609,56 @@ class LRSchedule:
                     self.step_epoch()
             while self._epochs < epochs:
                 self.step_epoch()
+
+    def _resolve(self, total_steps: int, cycles: Sequence[tuple[int, int]]) -> list[_Window]:
+        windows = []
+        for index, phase in enumerate(self._phases):
+            for window in _resolve(
+                phase, epoch_length=self._epoch_length, total_steps=total_steps, cycles=cycles
+            ):
+                window.index = index
+                windows.append(window)
+        return windows
+
+    def _describe_extension(
+        self,
+        policy: ScheduleExtension,
+        old: int,
+        new: int,
+        added: list[_Window],
+        moved: list[_Window],
+        before: dict[tuple[int, int], _Window],
+    ) -> str:
+        if new < old and policy is not ScheduleExtension.stretch:
+            return (
+                f"the schedule keeps the shape it had for {old} steps and is cut at step {new} "
+                "(trainer.extend_schedule=stretch would fit it to the new end)"
+            )
+        parts = []
+        for window in moved:
+            was = before[window.key]
+            parts.append(
+                f"{window.name} now ends at {window.unit(window.end)} (was {was.unit(was.end)})"
+            )
+        for window in added:
+            again = any(w.index == window.index and w.cycle < window.cycle for w in self._windows)
+            verb = "starts again" if again else "opens"
+            parts.append(
+                f"{window.name} {verb} at {window.unit(window.begin)} and runs to "
+                f"{window.unit(window.end)}"
+            )
+        if moved:
+            parts.append(f"the lr follows the schedule of a {new}-step run from here")
+        if not parts:
+            ended = [w for w in self._windows if w.phase.end is None]
+            last = max(ended, key=lambda w: w.end, default=None)
+            parts.append(
+                "the phases ended"
+                if last is None
+                else f"{last.name} ended at {last.unit(last.end)}"
+            )
+            parts.append("the lr holds where the schedule left it")
+        return "; ".join(parts)
 
     def _check_window(self, window: _Window, saved: dict[str, Any]) -> None:
         key = window.spec.window_kwarg

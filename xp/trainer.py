@@ -123,6 +123,10 @@ def training_length(
     return TrainingLength(epoch_length=epoch_length, total_steps=min(limits))
 
 
+def _yaml(value: int | None) -> str:
+    return "null" if value is None else str(value)
+
+
 class ProgressBar:
     """A one-line bar over optimizer steps on a terminal; silent elsewhere."""
 
@@ -223,6 +227,7 @@ class Trainer:
         self.module = strategy.unwrap(prepared.model)
         self.optim = prepared.optim_wrapper
         self.schedules = list(prepared.schedules.values())
+        self._schedules_by_name = dict(prepared.schedules)
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.settings = settings
@@ -242,7 +247,10 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         """The best checkpoint so far: step, value and path (with ``checkpoint.monitor``)."""
         self.last_checkpoint: Path | None = None
-        self._checkpointed_at = -1
+        self._state_saved = False
+        """Whether the newest checkpoint holds the current state (nothing happened since)."""
+        self._validated_at = -1
+        """The step of the last validation (saved, so a resumed run knows whether it is due)."""
         self.progress = Progress()
         self._window = LogWindow(strategy.root_device)
         self.async_checkpoints = checkpoint.async_save and strategy.use_async_checkpoints(
@@ -284,11 +292,15 @@ class Trainer:
         )
         window = self._window
         skip_nonfinite = s.nonfinite is NonFinite.skip
-        validated_at = p.step if p.step else -1
-        self._checkpointed_at = p.step if p.step else -1
 
         try:
-            while p.step < total:
+            while True:
+                if p.batch_in_epoch >= len(loader):
+                    # Also an epoch whose last step a checkpoint caught before the epoch's end
+                    # (a stop signal there): a resumed run does that end first.
+                    self._end_epoch(p, bar)
+                if p.step >= total:
+                    break
                 loader.set_epoch(p.epoch)
                 optim.initialize_count_status(inner_count=p.batch_in_epoch, max_counts=len(loader))
                 model.train()
@@ -304,44 +316,57 @@ class Trainer:
                     if not custom and not optim.should_update():
                         continue
                     p.step += 1
+                    self._state_saved = False
                     for schedule in self.schedules:
                         schedule.step_iter()
                     if p.step % s.log_interval_steps == 0:
                         self._log_train(p, bar)
                     if bar.enabled:
                         bar.update(p.step)
-                    if c.interval_steps and p.step % c.interval_steps == 0:
+                    # At an epoch's last step the checkpoint waits for the epoch's end (its
+                    # validation), so that it holds the state after it.
+                    if (
+                        c.interval_steps
+                        and p.step % c.interval_steps == 0
+                        and p.batch_in_epoch < len(loader)
+                    ):
                         self.save_checkpoint(p)
                     if self._stop_requested(p):
                         self._stop(p, bar)
                     if p.step >= total:
                         break
-                if p.batch_in_epoch >= len(loader):
-                    for schedule in self.schedules:
-                        schedule.step_epoch()
-                    p.epoch += 1
-                    p.batch_in_epoch = 0
-                    last = p.step >= total
-                    if s.val_interval_epochs and (p.epoch % s.val_interval_epochs == 0 or last):
-                        self.validate(p)
-                        validated_at = p.step
-                    every = c.interval_epochs
-                    if every and (p.epoch % every == 0 or last) and self._checkpointed_at != p.step:
-                        self.save_checkpoint(p)
-                    if self._stop_requested(p, collective=True):
-                        self._stop(p, bar)
         except BaseException:
             # Loader workers ignore stop signals (the run stops them); shut them down here, or
             # the interpreter's exit would wait on them forever.
             loader.close()
             raise
         bar.close()
-        if validated_at != p.step and s.val_interval_epochs:
+        if self._validated_at != p.step and s.val_interval_epochs:
             self.validate(p)
-        if self._checkpointed_at != p.step and (c.interval_epochs or c.interval_steps):
+        if not self._state_saved and (c.interval_epochs or c.interval_steps):
             self.save_checkpoint(p)
         self.strategy.wait_for_checkpoints()
         return self.metrics
+
+    def _end_epoch(self, p: Progress, bar: ProgressBar) -> None:
+        """What follows an epoch's last step: epoch-based phases, validation, checkpoint."""
+        s, c = self.settings, self.checkpoint
+        for schedule in self.schedules:
+            schedule.step_epoch()
+        p.epoch += 1
+        p.batch_in_epoch = 0
+        self._state_saved = False
+        last = p.step >= self.length.total_steps
+        if s.val_interval_epochs and (p.epoch % s.val_interval_epochs == 0 or last):
+            self.validate(p)
+        every = c.interval_epochs
+        due = (every and (p.epoch % every == 0 or last)) or (
+            c.interval_steps and p.step % c.interval_steps == 0
+        )
+        if due and not self._state_saved:
+            self.save_checkpoint(p)
+        if self._stop_requested(p, collective=True):
+            self._stop(p, bar)
 
     # ------------------------------------------------------------------ stopping
 
@@ -370,7 +395,7 @@ class Trainer:
 
     def _stop(self, p: Progress, bar: ProgressBar) -> None:
         bar.close()
-        if self._checkpointed_at != p.step:
+        if not self._state_saved:
             self.save_checkpoint(p)
         self.strategy.wait_for_checkpoints()
         signum = self._stop_signal or signal.SIGTERM
@@ -454,6 +479,8 @@ class Trainer:
             return {}
         result = self.evaluate(self.val_loader, "val")
         self.metrics.update(result)
+        self._validated_at = p.step
+        self._state_saved = False
         self._log(result, p.step)
         self.strategy.logger.info(
             "epoch %d step %d: %s",
@@ -470,11 +497,7 @@ class Trainer:
                 )
             if self._improves(result[monitor]):
                 self.best = {"step": p.step, "metric": monitor, "value": result[monitor]}
-                if self._checkpointed_at != p.step:
-                    self.save_checkpoint(p)
-                else:
-                    assert self.last_checkpoint is not None
-                    self._mark_best(self.last_checkpoint)
+                self.save_checkpoint(p)
         return result
 
     def _improves(self, value: float) -> bool:
@@ -538,15 +561,81 @@ class Trainer:
             self.tracker.log_metrics(metrics, int(step))
 
     def load_state(self, checkpoint: Mapping[str, Any]) -> Progress:
-        """Continue from a checkpoint the strategy resumed: progress, metrics, log window."""
-        self.progress = Progress.from_state_dict(checkpoint["progress"])
+        """Continue from a checkpoint the strategy resumed: progress, metrics, log window.
+
+        A run resumed with another length has its LR schedules fitted to it
+        (``trainer.extend_schedule``), and the log says what they do over the new steps.
+
+        Raises:
+            ValueError: The run has already trained more steps than this length allows.
+        """
+        p = self.progress = Progress.from_state_dict(checkpoint["progress"])
+        total = self.length.total_steps
+        if p.step > total:
+            s = self.settings
+            epochs = math.ceil(p.step / self.length.epoch_length)
+            limits = (
+                f"trainer.max_epochs={_yaml(s.max_epochs)}, trainer.max_steps={_yaml(s.max_steps)}"
+            )
+            raise ValueError(
+                f"resume: the run has already trained {p.step} optimizer steps ({epochs} epochs "
+                f"of {self.length.epoch_length}), but {limits} end it at step {total}. Resume "
+                f"with at least trainer.max_epochs={epochs} (or trainer.max_steps={p.step}), or "
+                "start a new run from its weights with load_from=."
+            )
         self.metrics = {k: float(v) for k, v in checkpoint.get("metrics", {}).items()}
         if "log_window" in checkpoint:
             self._window.load_state_dict(checkpoint["log_window"])
         best = checkpoint.get("best")
         if best and best.get("metric") == self.checkpoint.monitor:
             self.best = dict(best)
-        return self.progress
+        # Checkpoints from before xp recorded it: validation is due at the end, if not before.
+        self._validated_at = int(checkpoint.get("validated_at", -1))
+        # The checkpoint resumed from holds this state: nothing to save until something changes.
+        self._state_saved = True
+        self.last_checkpoint = self.checkpointer.path_for(p.step)
+        previous = checkpoint.get("total_steps")
+        if previous is not None and int(previous) != total:
+            self._extend_schedules(p, int(previous))
+        return p
+
+    def _extend_schedules(self, p: Progress, previous: int) -> None:
+        """Fit the LR schedules to a new training length and log what they do from here."""
+        total = self.length.total_steps
+        policy = self.settings.extend_schedule
+        ahead = total - p.step
+        if total > previous:
+            what = f"Extension: steps {p.step + 1}-{total}"
+        else:
+            what = f"Shortened: the run ends at step {total}"
+        what += f" (the run had {previous} steps; trainer.extend_schedule={policy.value})"
+        parts = []
+        lrs: list[float] = []
+        for name, schedule in self._schedules_by_name.items():
+            change = schedule.extend(policy) or "the schedule is unchanged"
+            part = change if len(self._schedules_by_name) == 1 else f"optimizer {name}: {change}"
+            if ahead:
+                schedule_lrs = schedule.lrs_ahead(ahead)
+                lrs += schedule_lrs
+                first, last = schedule_lrs[0], schedule_lrs[-1]
+                low, high = min(schedule_lrs), max(schedule_lrs)
+                part += (
+                    f"; lr {first:.3g} at step {p.step + 1}, {last:.3g} at step {total} "
+                    f"(lowest {low:.3g}, highest {high:.3g})"
+                )
+            parts.append(part)
+        if not parts:
+            held = ", ".join(f"{w.get_lr()[0]:.3g}" for w in self._lr_keys.values())
+            parts.append(f"no LR schedule: the lr holds at {held}")
+        message = f"{what}: {' | '.join(parts)}."
+        if lrs and not any(lrs):
+            self.strategy.logger.warning(
+                "%s Every added step trains at lr 0: set trainer.extend_schedule=restart (or "
+                "stretch) to train them.",
+                message,
+            )
+        else:
+            self.strategy.logger.info("%s", message)
 
     def save_checkpoint(self, p: Progress) -> Path:
         """Save a checkpoint of the current state and prune the old ones."""
@@ -561,10 +650,12 @@ class Trainer:
             "metrics": dict(self.metrics),
             "unstored_metrics": self._metrics_not_yet_stored(),
             "best": dict(self.best) if self.best else {},
+            "validated_at": self._validated_at,
+            "total_steps": self.length.total_steps,
             **self.checkpoint_extra,
         }
         self.strategy.save_checkpoint(path, extra=extra)
-        self._checkpointed_at = p.step
+        self._state_saved = True
         self.last_checkpoint = path
         if new_best:
             self._mark_best(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -176,7 +177,9 @@ def test_a_run_that_still_trains_is_not_resumed_twice(xp, workdir, store) -> Non
         proc.wait(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
     assert the_run(store, "live").info.status == "KILLED"
-    result = xp(f"resume={run.info.run_id}", "trainer.max_epochs=2")
+    # Ends where it stopped (a length shorter than what it trained is refused).
+    trained = int(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1].stem.split("_")[1])
+    result = xp(f"resume={run.info.run_id}", f"trainer.max_steps={trained}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert the_run(store, "live").info.status == "FINISHED"
 
@@ -229,6 +232,40 @@ def test_extend_a_finished_run_and_record_the_override(xp, workdir, store) -> No
     steps = [s for s, _ in history(store, run.info.run_id)]
     assert steps == sorted(set(steps)) and steps[-1] == 3 * 20 // 10 * 10
     assert len(history(store, run.info.run_id, "val/acc")) == 3
+
+
+def test_extending_a_finished_run_restarts_its_schedule(xp, workdir, store) -> None:
+    # The default warmup_cosine: a warmup to step 50, then a cosine that reaches lr 0 at the
+    # end of training, here step 60.
+    assert xp("trainer.max_epochs=3", "experiment_name=restart").returncode == 0
+    run = the_run(store, "restart")
+    assert history(store, run.info.run_id, "train/lr")[-1] == (60, 0.0)
+    result = xp(f"resume={run.info.run_id}", "trainer.max_epochs=5", "trainer.log_interval_steps=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "Extension: steps 61-100 (the run had 60 steps; trainer.extend_schedule=restart): "
+        "scheduler.cosine starts again at step 60 and runs to step 100; lr 0.003 at step 61, "
+    ) in result.stderr
+    lrs = history(store, run.info.run_id, "train/lr")
+    added = [lr for step, lr in lrs if 60 < step < 100]
+    assert len(added) == 7 and all(lr > 0 for lr in added), lrs
+    assert added == sorted(added, reverse=True)  # a cosine again, from the top
+    val_loss = dict(history(store, run.info.run_id, "val/loss"))
+    assert val_loss[100] < val_loss[60]
+
+    # Shorter than what it trained: refused, and the run is left as it was.
+    (run_dir,) = (workdir / "outputs" / "restart").iterdir()
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
+    shorter = xp(f"resume={run.info.run_id}", "trainer.max_epochs=2")
+    assert shorter.returncode == 1
+    assert (
+        "xp: error: resume: the run has already trained 100 optimizer steps (5 epochs of 20), "
+        "but trainer.max_epochs=2, trainer.max_steps=null end it at step 40. Resume with at "
+        "least trainer.max_epochs=5"
+    ) in shorter.stderr
+    assert "Traceback" not in shorter.stderr
+    assert the_run(store, "restart").info.status == "FINISHED"
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == before
 
 
 def test_resume_auto_and_load_from(xp, workdir, store) -> None:
@@ -333,3 +370,81 @@ def test_resume_names_the_incomplete_checkpoint_it_skips(tmp_path: Path, capsys)
     (folder / "step_00000014").mkdir()  # a sharded save cut short: no COMPLETE marker
     assert _latest_in(tmp_path / "run") == folder / "step_00000007.pt"
     assert "skipping incomplete checkpoint(s) ['step_00000014']" in capsys.readouterr().err
+
+
+# A digits MLP that signals its own training process at a given point, so a stop lands
+# exactly where the test wants it: during the last step, or in the validation after it.
+SIGNALLING_MODEL = """
+import json
+import os
+import signal
+
+from xp.model import MLP
+
+
+class Signalling(MLP):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.trained = 0
+
+    def forward(self, x):
+        if self.training:
+            self.trained += 1
+            if self.trained == int(os.environ.get("SIGTERM_IN_STEP", 0)):
+                os.kill(os.getpid(), signal.SIGTERM)  # the step finishes, then the run stops
+        elif self.trained and self.trained == int(os.environ.get("SIGKILL_AFTER_STEP", 0)):
+            os.kill(os.getpid(), signal.SIGKILL)  # in the validation after that step
+        return super().forward(x)
+"""
+
+
+def test_a_run_stopped_at_its_last_step_still_validates_when_resumed(xp, workdir, store) -> None:
+    """SIGTERM during the last step, or kill -9 in the validation after it (the newest
+    checkpoint then precedes that validation): the resumed run ends as the uninterrupted one."""
+    (workdir / "mypkg").mkdir()
+    (workdir / "mypkg" / "__init__.py").write_text("")
+    (workdir / "mypkg" / "nets.py").write_text(SIGNALLING_MODEL)
+    config = [
+        "model._target_=mypkg.nets.Signalling",
+        "target_allowlist=[mypkg.]",
+        "trainer.max_epochs=2",  # 40 steps
+        "checkpoint.interval_steps=10",
+        "checkpoint.monitor=val/acc",
+        "tracking.flush_interval_s=0.2",
+    ]
+
+    def finished(name: str, output: str):
+        run = the_run(store, name)
+        assert run.info.status == "FINISHED"
+        (run_dir,) = (workdir / "outputs" / name).iterdir()
+        best = run.data.tags["xp.best_checkpoint"]
+        weights = torch.load(run_dir / "checkpoints" / best, weights_only=True)["model"]
+        return {
+            "metrics.json": json.loads((run_dir / "metrics.json").read_text()),
+            "mlflow": {k: v for k, v in run.data.metrics.items() if k.startswith("val/")},
+            "val/acc steps": [step for step, _ in history(store, run.info.run_id, "val/acc")],
+            "best": {k: run.data.tags[k] for k in ("xp.best_checkpoint", "xp.best_value")},
+            "done": [line.split("Done: ")[1] for line in output.splitlines() if "Done: " in line],
+        }, weights
+
+    straight = xp(*config, "experiment_name=straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected, expected_best = finished("straight", straight.stderr)
+    assert expected["val/acc steps"] == [20, 40]
+    assert expected["best"]["xp.best_checkpoint"] == "step_00000040.pt"
+
+    for name, signal_env, status in (
+        ("sigterm", {"SIGTERM_IN_STEP": "40"}, "KILLED"),
+        ("kill9", {"SIGKILL_AFTER_STEP": "40"}, "RUNNING"),
+    ):
+        stopped = xp(*config, f"experiment_name={name}", **signal_env)
+        assert stopped.returncode != 0, stopped.stderr[-3000:]
+        deadline = time.monotonic() + 30
+        while the_run(store, name).info.status != status:  # its writer may still write
+            assert time.monotonic() < deadline, the_run(store, name).info.status
+            time.sleep(0.1)
+        resumed = xp(f"resume={the_run(store, name).info.run_id}", "target_allowlist=[mypkg.]")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        actual, actual_best = finished(name, resumed.stderr)
+        assert actual == expected, name
+        assert_same(actual_best, expected_best)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -11,8 +12,10 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as lrs
 
-from xp.config import AnnealStrategy
+from xp.config import AnnealStrategy, ScheduleExtension
 from xp.scheduler import LRSchedule, Phase
+
+RESTART = ScheduleExtension.restart
 
 BASE_LRS = (0.1, 0.4)
 EPOCH_LENGTH = 3
@@ -346,7 +349,7 @@ def test_resume_continues_the_exact_lr_sequence(phases, stop: int, optimizer_fir
     ]
 
 
-def test_resume_with_other_phases_or_length_is_refused() -> None:
+def test_resume_with_other_phases_or_windows_is_refused() -> None:
     optimizer = make_optimizer()
     schedule = LRSchedule(optimizer, warmup_cosine(), epoch_length=EPOCH_LENGTH, total_steps=STEPS)
     run(schedule, optimizer, range(7))
@@ -356,9 +359,174 @@ def test_resume_with_other_phases_or_length_is_refused() -> None:
     with pytest.raises(ValueError, match="resume with the scheduler config"):
         fewer.load_state_dict(state)
 
-    longer = LRSchedule(make_optimizer(), warmup_cosine(), epoch_length=3, total_steps=2 * STEPS)
+    # A longer run is no longer refused (see the extension tests below); a phase whose own
+    # window moved still is.
+    moved = warmup_cosine()
+    moved[1] = phase(lrs.CosineAnnealingLR, eta_min=0.001, begin=4, by_epoch=False)
+    other = LRSchedule(make_optimizer(), moved, epoch_length=3, total_steps=STEPS)
     with pytest.raises(ValueError, match=r"scheduler\.p: the checkpoint's window is 7 steps"):
-        longer.load_state_dict(state)
+        other.load_state_dict(state)
+
+
+def test_a_checkpoint_from_before_schedules_saved_their_length_still_resumes() -> None:
+    optimizer = make_optimizer()
+    schedule = LRSchedule(optimizer, warmup_cosine(), epoch_length=EPOCH_LENGTH, total_steps=STEPS)
+    reference = run(schedule, optimizer, range(STEPS))
+    optimizer = make_optimizer()
+    schedule = LRSchedule(optimizer, warmup_cosine(), epoch_length=EPOCH_LENGTH, total_steps=STEPS)
+    run(schedule, optimizer, range(7))
+    old = schedule.state_dict()
+    del old["total_steps"], old["cycles"]
+    for entry in old["phases"]:
+        del entry["cycle"]
+    resumed = LRSchedule(optimizer, warmup_cosine(), epoch_length=EPOCH_LENGTH, total_steps=STEPS)
+    resumed.load_state_dict(through_bytes(old))
+    assert resumed.extend(ScheduleExtension.restart) is None
+    assert run(resumed, optimizer, range(7, STEPS)) == reference[7:]
+
+
+# ----------------------------------------------------------------------------- extension
+# trainer.max_epochs=5, then resume=<run> trainer.max_epochs=8: the phases without an end
+# ran to the end of the first run; trainer.extend_schedule says what they do after it.
+
+
+def default_schedule() -> list[Phase]:
+    """conf/scheduler/warmup_cosine.yaml: a warmup of 5 steps, then a cosine to the end."""
+    return [
+        phase(lrs.LinearLR, start_factor=0.01, end=5, by_epoch=False),
+        phase(lrs.CosineAnnealingLR, begin=5, by_epoch=False),
+    ]
+
+
+def stopped_at(
+    phases: Callable[[], list[Phase]], step: int, total: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The optimizer's and the schedule's saved states of a run of ``total`` steps at ``step``."""
+    optimizer = make_optimizer()
+    schedule = LRSchedule(optimizer, phases(), epoch_length=EPOCH_LENGTH, total_steps=total)
+    run(schedule, optimizer, range(step))
+    return through_bytes((optimizer.state_dict(), schedule.state_dict()))
+
+
+def resumed(
+    phases: Callable[[], list[Phase]],
+    saved: tuple[dict[str, Any], dict[str, Any]],
+    total: int,
+    policy: ScheduleExtension,
+) -> tuple[LRSchedule, torch.optim.Optimizer, str | None]:
+    """The saved run resumed with ``total`` steps, as the trainer does it."""
+    optimizer = make_optimizer()
+    schedule = LRSchedule(optimizer, phases(), epoch_length=EPOCH_LENGTH, total_steps=total)
+    optimizer.load_state_dict(saved[0])
+    schedule.load_state_dict(saved[1])
+    return schedule, optimizer, schedule.extend(policy)
+
+
+def reference(phases: Callable[[], list[Phase]], total: int) -> list[list[float]]:
+    """The lrs of a run planned for ``total`` steps from the start."""
+    optimizer = make_optimizer()
+    schedule = LRSchedule(optimizer, phases(), epoch_length=EPOCH_LENGTH, total_steps=total)
+    return run(schedule, optimizer, range(total))
+
+
+def cosine(k: int, length: int) -> float:
+    return (1 + math.cos(math.pi * k / length)) / 2
+
+
+def test_extending_a_finished_run_restarts_the_phases_that_ran_to_its_end() -> None:
+    finished = stopped_at(default_schedule, 12, 12)
+    assert finished[1]["param_groups"][0]["lr"] == pytest.approx(0.0)  # the cosine's end
+    schedule, optimizer, said = resumed(default_schedule, finished, 20, ScheduleExtension.restart)
+    assert said == "scheduler.p starts again at step 12 and runs to step 20"
+    assert schedule.lrs_ahead(8) == pytest.approx([cosine(k, 8) * BASE_LRS[0] for k in range(8)])
+    used = run(schedule, optimizer, range(12, 20))
+    # A warm restart (SGDR): the cosine again, from the base lr to 0 over the added steps.
+    assert_lrs(used, per_step([cosine(k, 8) for k in range(8)]))
+    assert schedule.last_lr == pytest.approx([0.0, 0.0])
+
+    # The extended run, stopped and resumed with its own length, continues exactly.
+    schedule, optimizer, _ = resumed(default_schedule, finished, 20, ScheduleExtension.restart)
+    run(schedule, optimizer, range(12, 15))
+    saved = through_bytes((optimizer.state_dict(), schedule.state_dict()))
+    again, optimizer, said = resumed(default_schedule, saved, 20, ScheduleExtension.restart)
+    assert said is None
+    assert run(again, optimizer, range(15, 20)) == used[3:]
+
+
+def test_a_stopped_run_extended_restarts_where_it_would_have_ended() -> None:
+    # Stopped at step 7 of 12 and resumed with 20: the cosine still ends at 12, then starts
+    # again, as if the run had finished and been extended. Where it stopped does not matter.
+    stopped, optimizer, said = resumed(
+        default_schedule, stopped_at(default_schedule, 7, 12), 20, RESTART
+    )
+    assert said == "scheduler.p starts again at step 12 and runs to step 20"
+    used = run(stopped, optimizer, range(7, 20))
+    assert used[:5] == reference(default_schedule, 12)[7:]
+    assert_lrs(used[5:], per_step([cosine(k, 8) for k in range(8)]))
+
+
+def test_stretch_follows_the_longer_runs_schedule_from_the_resumed_step() -> None:
+    longer = reference(default_schedule, 20)
+    for step in (7, 12):
+        saved = stopped_at(default_schedule, step, 12)
+        schedule, optimizer, said = resumed(default_schedule, saved, 20, ScheduleExtension.stretch)
+        assert said == (
+            "scheduler.p now ends at step 20 (was step 12); the lr follows the schedule of a "
+            "20-step run from here"
+        )
+        assert_lrs(run(schedule, optimizer, range(step, 20)), longer[step:])
+
+
+def test_hold_keeps_the_ended_schedule_and_says_so() -> None:
+    def decay() -> list[Phase]:
+        return [phase(lrs.CosineAnnealingLR, eta_min=0.01, by_epoch=False)]
+
+    schedule, optimizer, said = resumed(
+        decay, stopped_at(decay, 12, 12), 20, ScheduleExtension.hold
+    )
+    assert said == "scheduler.p ended at step 12; the lr holds where the schedule left it"
+    assert_lrs(run(schedule, optimizer, range(12, 20)), [[0.01, 0.01]] * 8)
+
+
+def test_a_phase_that_began_after_a_short_run_opens_in_its_extension() -> None:
+    # A smoke run of 12 steps never reached the cosine (begin=24); extended to 36 steps, the
+    # warmup finishes and the cosine opens where it would have in a 36-step run.
+    def late() -> list[Phase]:
+        return [
+            phase(lrs.LinearLR, start_factor=0.5, end=24, by_epoch=False),
+            phase(lrs.CosineAnnealingLR, begin=24, by_epoch=False),
+        ]
+
+    with pytest.warns(UserWarning):
+        saved = stopped_at(late, 12, 12)
+    schedule, optimizer, said = resumed(late, saved, 36, RESTART)
+    assert said == "scheduler.p opens at step 24 and runs to step 36"
+    assert_lrs(run(schedule, optimizer, range(12, 36)), reference(late, 36)[12:])
+
+
+def test_epoch_phases_restart_at_the_end_of_the_epoch_the_run_ended_in() -> None:
+    # 10 steps of 3 per epoch: the first run ended inside its 4th epoch, so the cosine over
+    # epochs restarts when that epoch ends, at step 12.
+    def by_epoch() -> list[Phase]:
+        return [phase(lrs.CosineAnnealingLR)]
+
+    schedule, optimizer, said = resumed(by_epoch, stopped_at(by_epoch, 10, 10), 18, RESTART)
+    assert said == "scheduler.p starts again at epoch 4 and runs to epoch 6"
+    used = run(schedule, optimizer, range(10, 18))
+    assert_lrs(used, per_step([cosine(3, 4)] * 2 + [cosine(0, 2)] * 3 + [cosine(1, 2)] * 3))
+
+
+def test_a_shorter_run_keeps_its_schedule_unless_stretched() -> None:
+    saved = stopped_at(default_schedule, 7, 20)
+    schedule, optimizer, said = resumed(default_schedule, saved, 12, RESTART)
+    assert said == (
+        "the schedule keeps the shape it had for 20 steps and is cut at step 12 "
+        "(trainer.extend_schedule=stretch would fit it to the new end)"
+    )
+    assert run(schedule, optimizer, range(7, 12)) == reference(default_schedule, 20)[7:12]
+
+    schedule, optimizer, _ = resumed(default_schedule, saved, 12, ScheduleExtension.stretch)
+    assert_lrs(run(schedule, optimizer, range(7, 12)), reference(default_schedule, 12)[7:])
 
 
 # ----------------------------------------------------------------------------- errors
