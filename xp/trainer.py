@@ -459,7 +459,8 @@ class Trainer:
         if bar.enabled:
             lr = metrics[next(iter(self._lr_keys))]
             shown = " ".join(f"{k} {float(v):.4f}" for k, v in means.items())
-            bar.postfix = f"epoch {p.epoch} {shown} lr {lr:.3g}"
+            # 1-based, as the log counts epochs (Progress.epoch, saved, counts from 0).
+            bar.postfix = f"epoch {p.epoch + 1} {shown} lr {lr:.3g}"
         window.reset()
 
     def evaluate(self, loader: EpochLoader, prefix: str) -> dict[str, float]:

@@ -154,3 +154,15 @@ def last_checkpoint(trainer: Trainer) -> dict[str, Any]:
     state = load_file(path)
     state["best"]["path"] = Path(state["best"]["path"]).name  # the run directories differ
     return state
+
+
+def test_the_progress_bar_counts_epochs_from_1_as_the_log_does(tmp_path: Path, capsys) -> None:
+    settings = TrainerConfig(max_epochs=2, log_interval_steps=4, progress_bar=True)
+    trainer = build(tmp_path, Interrupting(), settings)
+    trainer.fit()
+    trainer.strategy.teardown()
+    err = capsys.readouterr().err
+    last_bar = err.split("\r")[-1].splitlines()[0]
+    assert last_bar.startswith("[" + "#" * 30 + "] 16/16 ")
+    assert " epoch 2 loss " in last_bar  # the second of two epochs, which the log calls epoch 2
+    assert "epoch 2 step 16: val/loss" in err
