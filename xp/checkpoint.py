@@ -1,30 +1,38 @@
-"""Checkpoint files: atomic writes, safe loads, naming and retention.
+"""Checkpoint files: atomic writes, checksums, safe loads, naming and retention.
 
 A checkpoint is complete exactly when its final name exists: it is written under a
 temporary name in the same folder, flushed to disk, then renamed. A kill during a save
 therefore leaves the previous checkpoint as the latest one.
 
+Every file of a checkpoint gets a sha256 when it is saved: a single file in a sidecar
+``step_XXXXXXXX.pt.sha256`` (``sha256sum -c`` reads it), the files of a sharded folder in
+its ``COMPLETE`` marker. :func:`verify` checks them, so a truncated or bit-flipped
+checkpoint is named as such instead of loading (or failing) somewhere deep in torch.
+Checkpoints saved before checksums existed still load, unverified.
+
 :class:`AsyncCheckpointWriter` moves the write off the training thread: training waits
 only for a copy of the state into host memory, and a background thread writes that copy
-with :func:`atomic_save`.
+with :func:`atomic_save` (and computes its checksum).
 """
 
 from __future__ import annotations
 
 import builtins
 import copy
+import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
+import threading
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -32,49 +40,351 @@ _NAME = re.compile(r"^step_(\d{8,})(\.pt)?$")
 _TMP_SUFFIX = ".tmp"
 COMPLETE_MARKER = "COMPLETE"
 """A sharded checkpoint (a folder) is complete once this file exists in it."""
+CHECKSUM_SUFFIX = ".sha256"
+"""A single-file checkpoint's sha256 sits beside it in ``<name>.sha256`` (sha256sum format)."""
+CORRUPT_SUFFIX = ".corrupt"
+"""A checkpoint that failed its checksum is moved aside under this suffix (never deleted)."""
+_MARKER_FORMAT = "xp-checkpoint/1"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with what to do about it."""
 
 
-def atomic_save(state: dict[str, Any], path: Path) -> Path:
-    """``torch.save`` to ``path`` so that ``path`` is either absent or complete."""
+class CheckpointCorrupt(CheckpointError):
+    """A checkpoint whose files are not what was saved: truncated, changed or missing.
+
+    Attributes:
+        path: The checkpoint (file or folder).
+        reason: What is wrong, in a few words (``checksum mismatch in __0_0.distcp``).
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(
+            f"Checkpoint {path} is corrupt ({reason}); use an earlier checkpoint from the "
+            "same folder (resume= or load_from= of the run directory picks the newest one "
+            "that verifies)."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Raised on one rank, it crosses to the others pickled (DCP gathers failures).
+        return (type(self), (self.path, self.reason))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def atomic_save(state: dict[str, Any], path: Path, *, checksum: bool = True) -> Path:
+    """``torch.save`` to ``path`` so that ``path`` is either absent or complete.
+
+    Args:
+        state: What to save.
+        path: Where.
+        checksum: Write the file's sha256 beside it (``<path>.sha256``) before the file
+            takes its name, so a complete checkpoint always has its checksum.
+    """
+    save_with_digest(state, path, sidecar=checksum)
+    return path
+
+
+def save_with_digest(state: dict[str, Any], path: Path, *, sidecar: bool = False) -> str:
+    """:func:`atomic_save` that returns the sha256 of the written file.
+
+    The digest is computed from the file just written (in the page cache), on a thread of
+    its own while this one waits for the data to reach the disk, so it adds little to a
+    save; hashing the bytes inside ``torch.save``'s writes measured slower (the two then
+    run one after the other).
+
+    Args:
+        sidecar: Also write ``<path>.sha256`` (before ``path`` takes its name).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+    tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
+            f.flush()
+            digest = _fsync_and_hash(f, tmp)
+        if sidecar:
+            write_text_atomic(checksum_file(path), f"{digest}  {path.name}\n", sync_dir=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    # The rename itself must reach the disk too, or a power loss can undo it.
+    _fsync_dir(path.parent)
+    return digest
+
+
+def write_text_atomic(path: Path, text: str, *, sync_dir: bool = True) -> None:
+    """Write ``text`` to ``path`` under a temporary name, flush it to disk, then rename it."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    # The rename itself must reach the disk too, or a power loss can undo it.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    if sync_dir:
+        _fsync_dir(path.parent)
+
+
+def checksum_file(path: Path) -> Path:
+    """Where the sha256 of the single-file checkpoint ``path`` is recorded."""
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return path
 
 
-def load_file(path: Path) -> dict[str, Any]:
+def _fsync_and_hash(f: IO[bytes], path: Path) -> str:
+    """fsync the open file ``f`` while another thread hashes ``path`` (its written bytes)."""
+    result: dict[str, Any] = {}
+
+    def digest() -> None:
+        try:
+            result["sha256"] = sha256_of(path)
+        except BaseException as e:  # handed to the caller below
+            result["error"] = e
+
+    thread = threading.Thread(target=digest, name="xp-checksum", daemon=True)
+    thread.start()
+    try:
+        os.fsync(f.fileno())
+    finally:
+        thread.join()
+    if "error" in result:
+        raise result["error"]
+    return str(result["sha256"])
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file's bytes."""
+    with open(path, "rb") as f:
+        if hasattr(hashlib, "file_digest"):  # Python >= 3.11
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+        return h.hexdigest()
+
+
+def file_digests(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes": size, "sha256": hex}}`` of the files ``names`` of ``folder``."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(names):
+        file = folder / name
+        out[name] = {"bytes": file.stat().st_size, "sha256": sha256_of(file)}
+    return out
+
+
+def folder_files(folder: Path) -> builtins.list[str]:
+    """The files of a sharded checkpoint that its marker records (not the marker, no temps)."""
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_file() and p.name != COMPLETE_MARKER and not p.name.endswith(_TMP_SUFFIX)
+    )
+
+
+def own_files(
+    folder: Path, rank: int, world_size: int, owner: re.Pattern[str], skip: Collection[str] = ()
+) -> builtins.list[str]:
+    """The files of a sharded checkpoint that ``rank`` hashes for its marker.
+
+    Those whose name ``owner`` matches with a rank (group 1) are that rank's (each rank
+    hashes what it wrote, in parallel); rank 0 takes the rest.
+    """
+    mine = []
+    for name in folder_files(folder):
+        m = owner.search(name)
+        writer = int(m.group(1)) if m else 0
+        if (writer if writer < world_size else 0) == rank and name not in skip:
+            mine.append(name)
+    return mine
+
+
+def write_marker(folder: Path, files: Mapping[str, Mapping[str, Any]], *, kind: str) -> None:
+    """Write ``COMPLETE`` into a sharded checkpoint: its files' sizes and sha256, atomically.
+
+    Args:
+        folder: The checkpoint folder, every file of which is written and on disk.
+        files: What :func:`file_digests` returned for them (from every rank).
+        kind: Who wrote the folder (``fsdp``, ``deepspeed``), for people reading the file.
+    """
+    record = {"format": _MARKER_FORMAT, "kind": kind, "files": dict(sorted(files.items()))}
+    write_text_atomic(folder / COMPLETE_MARKER, json.dumps(record, indent=1) + "\n")
+
+
+def recorded_files(folder: Path) -> dict[str, dict[str, Any]] | None:
+    """The files and checksums a folder's marker records; None for a marker without them
+    (a checkpoint saved before xp recorded checksums)."""
+    try:
+        record = json.loads((folder / COMPLETE_MARKER).read_bytes())
+    except (OSError, ValueError):  # an older marker: a torch file, or "deepspeed"
+        return None
+    if not isinstance(record, dict) or record.get("format") != _MARKER_FORMAT:
+        return None
+    files = record.get("files")
+    return dict(files) if isinstance(files, dict) else None
+
+
+# --------------------------------------------------------------------------- verifying
+
+_verified: dict[tuple[Any, ...], str] = {}
+"""Files hashed in this process: (path, inode, size, mtime, ctime) -> sha256."""
+_verified_lock = threading.Lock()
+
+
+def _digest_cached(path: Path) -> str:
+    """sha256 of ``path``, hashed once per process for as long as the file is unchanged.
+
+    ``resume=`` verifies a checkpoint when it picks it and again when it loads it.
+    """
+    st = path.stat()
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _verified_lock:
+        known = _verified.get(key)
+    if known is None:
+        known = sha256_of(path)
+        with _verified_lock:
+            _verified[key] = known
+    return known
+
+
+def verify(path: Path, *, share: tuple[int, int] = (0, 1)) -> bool:
+    """Check a checkpoint against the checksums recorded when it was saved.
+
+    Args:
+        path: A single-file checkpoint, or a sharded checkpoint folder.
+        share: ``(rank, world_size)``: check only every ``world_size``-th file of a
+            folder, from the ``rank``-th, so that ranks share the work.
+
+    Returns:
+        True when it verified; False when it records no checksums (saved by an older xp).
+
+    Raises:
+        CheckpointCorrupt: A file is missing, truncated or differs from what was saved.
+    """
+    path = Path(path)
+    if path.is_file():
+        return _verify_file(path)
+    files = recorded_files(path)
+    if files is None:
+        return False
+    rank, world_size = share
+    for name, record in sorted(files.items())[rank::world_size]:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointCorrupt(path, f"{name} is missing")
+        size, saved = file.stat().st_size, int(record.get("bytes", -1))
+        if size != saved:
+            what = "truncated" if size < saved else "longer than saved"
+            raise CheckpointCorrupt(path, f"{what}: {name} has {size} bytes, {saved} when saved")
+        if _digest_cached(file) != record.get("sha256"):
+            raise CheckpointCorrupt(path, f"checksum mismatch in {name}")
+    return True
+
+
+def _verify_file(path: Path) -> bool:
+    recorded = checksum_file(path)
+    try:
+        line = recorded.read_text()
+    except FileNotFoundError:
+        line = None
+    if line is not None and line.split()[:1] and _digest_cached(path) == line.split()[0]:
+        return True
+    # Not verified: a truncated zip (torch's format) has lost its central directory.
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointCorrupt(path, f"truncated or not a torch file: {e}") from e
+    if line is None:
+        return False
+    raise CheckpointCorrupt(path, f"checksum mismatch with {recorded.name}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Builds only the globals in ``allowed`` (module -> names); imports nothing else."""
+
+    def __init__(self, file: IO[bytes], allowed: Mapping[str, Collection[str]]) -> None:
+        super().__init__(file)
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Checked before anything is imported: importing a module can run code too.
+        if name in self._allowed.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def restricted_load(file: IO[bytes], allowed: Mapping[str, Collection[str]]) -> Any:
+    """Unpickle ``file`` building only the classes and functions in ``allowed``.
+
+    For pickles that are not torch files (DCP's ``.metadata``); torch files go through
+    ``torch.load(weights_only=True)``, which does the same for tensors.
+
+    Raises:
+        pickle.UnpicklingError: The pickle names a global outside ``allowed``.
+    """
+    return _RestrictedUnpickler(file, allowed).load()
+
+
+def unpickling_refusal(error: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` (or :func:`restricted_load`) refused, in a line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("WeightsUnpickler error:"):
+            return line.removeprefix("WeightsUnpickler error:").strip().split(". ", 1)[0]
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_file(path: Path, *, check: bool = True) -> dict[str, Any]:
     """Load a checkpoint with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Args:
+        path: A single-file checkpoint (or a file of a sharded one).
+        check: Verify its recorded sha256 first, where one is recorded.
 
     Raises:
         CheckpointError: the file is missing, truncated, corrupt, or holds pickled objects
             other than tensors and plain containers.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"Checkpoint {path} is a folder, the sharded checkpoint of strategy=fsdp or "
+            "strategy=deepspeed; load it with the strategy that wrote it, or convert it "
+            f"with `python -m xp export ckpt={path} out=model.pt`."
+        )
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist; check the path or the run id.")
+    if check and checksum_file(path).is_file():
+        verify(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"Checkpoint {path} holds objects other than tensors and plain containers, so it is "
-            f"refused (torch.load(weights_only=True) said: {str(e).splitlines()[0]}). Only load "
+            f"refused (torch.load(weights_only=True) said: {unpickling_refusal(e)}). Only load "
             "checkpoints you trust, re-saved as plain state dicts."
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
@@ -138,6 +448,39 @@ class Checkpointer:
         found = self.list()
         return found[-1] if found else None
 
+    def latest_verified(self) -> tuple[Path | None, builtins.list[CheckpointCorrupt]]:
+        """The newest complete checkpoint that verifies (:func:`verify`), and the newer
+        ones that did not, newest first."""
+        skipped: builtins.list[CheckpointCorrupt] = []
+        for path in reversed(self.list()):
+            try:
+                verify(path)
+            except CheckpointCorrupt as e:
+                skipped.append(e)
+                continue
+            return path, skipped
+        return None, skipped
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename a corrupt checkpoint to ``<name>.corrupt`` (and its checksum with it).
+
+        It then no longer counts as a checkpoint: nothing resumes from it, and pruning
+        (which keeps the newest) neither keeps it in place of good ones nor deletes it.
+
+        Returns:
+            Its new path.
+        """
+        target = path.with_name(path.name + CORRUPT_SUFFIX)
+        n = 1
+        while target.exists():
+            target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}.{n}")
+            n += 1
+        os.replace(path, target)
+        recorded = checksum_file(path)
+        if recorded.is_file():
+            os.replace(recorded, checksum_file(target))
+        return target
+
     def set_best(self, path: Path, info: Mapping[str, Any]) -> None:
         """Record ``path`` as the best checkpoint (``info``: its step, metric and value)."""
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -193,6 +536,16 @@ class Checkpointer:
                 # Only files of dead writers: ours are renamed before prune runs.
                 if not _owned_by_live_process(tmp):
                     _remove(tmp)
+            if complete:
+                # Checksums of files that a save never renamed into place (killed between).
+                for recorded in self.directory.glob(f"step_*.pt{CHECKSUM_SUFFIX}"):
+                    m = _NAME.match(recorded.name.removesuffix(CHECKSUM_SUFFIX))
+                    if (
+                        m
+                        and int(m.group(1)) < newest
+                        and not recorded.with_name(m.group(0)).exists()
+                    ):
+                        recorded.unlink(missing_ok=True)
         return removed
 
 
@@ -201,6 +554,8 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+        if _NAME.match(path.name):
+            checksum_file(path).unlink(missing_ok=True)
 
 
 def _owned_by_live_process(tmp: Path) -> bool:

@@ -569,6 +569,10 @@ class XPConfig:
     """Names the MLflow experiment and the folder under outputs/."""
     load_from: str | None = None
     """Start a NEW run from these weights only (a run id, run directory or checkpoint)."""
+    load_from_strict: bool = True
+    """``load_from``'s weights must fit the model exactly (every tensor, by name and shape),
+    or the run stops before training and lists what does not match; false loads the
+    tensors that match and logs the rest."""
     test: str | None = None
     """Evaluate a run (a run id, run directory or checkpoint) on the test split, without
     training, and log ``test/*`` onto that same MLflow run."""

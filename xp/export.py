@@ -13,13 +13,20 @@ from xp.checkpoint import COMPLETE_MARKER, Checkpointer, CheckpointError, atomic
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint file or folder, or the newest complete one of a run directory."""
+    """A checkpoint file or folder, or the newest complete one of a run directory that
+    verifies (newer ones that fail their checksums are named on stderr)."""
     if not path.exists():
         raise CheckpointError(f"ckpt={path} does not exist; give a checkpoint or a run directory.")
     if path.is_dir() and (path / "checkpoints").is_dir():
-        latest = Checkpointer(path / "checkpoints").latest()
+        latest, skipped = Checkpointer(path / "checkpoints").latest_verified()
+        for corrupt in skipped:
+            print(f"xp export: skipping {corrupt.path.name}: {corrupt.reason}.", file=sys.stderr)
         if latest is None:
-            raise CheckpointError(f"The run directory {path} has no complete checkpoint.")
+            raise CheckpointError(
+                f"The run directory {path} has no complete checkpoint"
+                + (" that verifies" if skipped else "")
+                + "; give a checkpoint of it (ckpt=<run dir>/checkpoints/step_XXXXXXXX)."
+            )
         return latest
     return path
 
@@ -27,7 +34,11 @@ def resolve_checkpoint(path: Path) -> Path:
 def export_model_state(path: Path) -> dict[str, torch.Tensor]:
     """The full model state dict of a single-file, FSDP or DeepSpeed checkpoint, on the CPU.
 
-    Sharded checkpoints are gathered from their files, without a process group.
+    Sharded checkpoints are gathered from their files, without a process group. Every
+    file is verified against its recorded checksum and read without running its pickles.
+
+    Raises:
+        CheckpointError: The checkpoint is missing, incomplete, corrupt or refused.
     """
     path = resolve_checkpoint(path)
     if path.is_file():

@@ -20,7 +20,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from xp.checkpoint import Checkpointer, CheckpointError, is_complete
+from xp.checkpoint import (
+    CORRUPT_SUFFIX,
+    CheckpointCorrupt,
+    Checkpointer,
+    CheckpointError,
+    is_complete,
+    verify,
+)
 from xp.log import say
 from xp.rundir import CLAIM_FILE, RESUME_ENV
 from xp.rundir import TEST_ENV as TEST_ENV  # re-exported: xp.run and xp.__main__ read it here
@@ -185,10 +192,32 @@ def _meta(checkpoint: Path, run_dir: Path) -> dict[str, Any]:
 
 
 def _latest_in(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint; newer incomplete ones (a save cut short) are named."""
-    checkpoints = Checkpointer(run_dir / "checkpoints")
-    latest = checkpoints.latest()
+    """The newest complete checkpoint that verifies against its recorded checksums.
+
+    Newer incomplete ones (a save cut short) are named; newer ones that fail their
+    checksums (truncated, or changed since they were saved) are named with why, and moved
+    aside to ``<name>.corrupt``, so that the run's next saves and pruning (which keeps the
+    newest) leave the good ones alone.
+    """
     folder = run_dir / "checkpoints"
+    checkpoints = Checkpointer(folder)
+    latest, skipped = checkpoints.latest_verified()
+    for corrupt in skipped:
+        try:
+            moved = f"moved aside to {checkpoints.set_aside(corrupt.path).name}"
+        except OSError as e:  # a run directory this user cannot write (load_from= of another's)
+            moved = f"left in place ({e.strerror})"
+        say(
+            f"xp: skipping checkpoint {corrupt.path.name} in {folder}: {corrupt.reason}; {moved}.",
+            file=sys.stderr,
+        )
+    if skipped:
+        say(
+            f"xp: using {latest.name}, the newest checkpoint that verifies."
+            if latest is not None
+            else f"xp: no checkpoint in {folder} verifies.",
+            file=sys.stderr,
+        )
     if folder.is_dir():
         newer = sorted(
             p.name
@@ -207,7 +236,11 @@ def _latest_in(run_dir: Path) -> Path | None:
 
 
 def _from_path(path: Path, key: str = "resume") -> tuple[Path, Path]:
-    """(checkpoint, run_dir) of a run directory or a checkpoint inside one."""
+    """(checkpoint, run_dir) of a run directory or a checkpoint inside one.
+
+    A run directory gives its newest checkpoint that verifies; a checkpoint given by its
+    path must verify itself.
+    """
     path = path.resolve()
     if not path.exists():
         raise ResumeError(
@@ -216,9 +249,16 @@ def _from_path(path: Path, key: str = "resume") -> tuple[Path, Path]:
     if (path / "checkpoints").is_dir() or (path / ".hydra").is_dir():
         latest = _latest_in(path)
         if latest is None:
+            aside = (path / "checkpoints").glob(f"step_*{CORRUPT_SUFFIX}*")
+            corrupt = sorted(p.name for p in aside)
             raise ResumeError(
-                f"The run directory {path} has no complete checkpoint (it stopped before its first "
-                "save); start it again instead."
+                f"The run directory {path} has no complete checkpoint that verifies "
+                + (
+                    f"(corrupt ones were moved aside: {corrupt}); "
+                    if corrupt
+                    else "(it stopped before its first save); "
+                )
+                + "start it again instead."
             )
         return latest, path
     if not is_complete(path):
@@ -226,6 +266,14 @@ def _from_path(path: Path, key: str = "resume") -> tuple[Path, Path]:
             f"Checkpoint {path} is incomplete (its save was interrupted); resume from an earlier "
             f"one in {path.parent}."
         )
+    try:
+        verify(path)
+    except CheckpointCorrupt as e:
+        raise ResumeError(
+            f"{key}={path}: the checkpoint is corrupt ({e.reason}). Give its run directory "
+            f"({key}={path.parent.parent}) to use the newest checkpoint that verifies, or "
+            f"another checkpoint from {path.parent}."
+        ) from e
     return path, path.parent.parent
 
 
@@ -372,5 +420,5 @@ def checkpoint_for_load(spec: str, *, tracking_uri: str, outputs: Path) -> Path:
                 spec, tracking_uri=tracking_uri, experiment_name=None, outputs=outputs
             ).checkpoint
         )
-    checkpoint, _ = _from_path(Path(spec))
+    checkpoint, _ = _from_path(Path(spec), key="load_from")
     return checkpoint

@@ -539,7 +539,7 @@ def run(cfg: DictConfig) -> float | None:
             resumed = strategy.resume(Path(target.checkpoint))
             trainer.load_state(resumed)
         elif cfg.load_from:
-            strategy.load_checkpoint(_load_from(cfg), strict=False)
+            strategy.load_checkpoint(_load_from(cfg), strict=cfg.load_from_strict)
         tracker = build_tracker(cfg, strategy, built.tracking, target, accepted)
         if tracker is not None:
             tracker.start()

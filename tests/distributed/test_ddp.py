@@ -207,3 +207,57 @@ def test_ddp_checkpoint_resumes_at_any_world_size(spawn, tmp_path: Path) -> None
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
     for key, value in single.model_state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+# --------------------------------------------------------------------------- rank 0's initial model
+
+
+class Noisy(torch.nn.Module):
+    """Draws its parameters and a buffer from the RNG when built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP(8, [16], 3, dropout=0.0)
+        self.register_buffer("offset", torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + self.offset)
+
+
+class NoisyOwnStep(Noisy):
+    """The same, stepping its optimizer itself (so DDP does not wrap it)."""
+
+    def train_step(self, batch, optim_wrapper) -> dict[str, torch.Tensor]:
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        optim_wrapper.update_params(loss)
+        return {"loss": loss}
+
+
+def _starts_from_rank_0(rank: int, world_size: int, tmp: Path, model: type[Noisy]) -> None:
+    from xp.randomness import seed_everything
+
+    strategy = DDPStrategy(
+        log_dir=tmp / "exp" / model.__name__,
+        experiment_name="exp",
+        randomness=RandomnessConfig(seed=3, diff_rank_seed=True),
+    )
+    assert strategy.seed == 3 + rank  # each rank initializes its own model differently
+    strategy.prepare(model, optim=OptimSpec(partial(torch.optim.SGD, lr=0.1), SGDConfig(lr=0.1)))
+    states = strategy.all_gather_object(
+        {k: v.detach().clone() for k, v in strategy.model_state_dict().items()}
+    )
+    seed_everything(3)
+    rank_0 = model().state_dict()
+    seed_everything(4)
+    assert not torch.equal(model().state_dict()["offset"], rank_0["offset"])
+    for saw in states:
+        assert set(saw) == set(rank_0)
+        for key, value in rank_0.items():
+            assert torch.equal(saw[key], value), (rank, key)
+    strategy.teardown()
+
+
+@pytest.mark.parametrize("model", [Noisy, NoisyOwnStep], ids=["wrapped", "own-train-step"])
+def test_every_rank_starts_from_rank_0s_model(spawn, tmp_path: Path, model: type[Noisy]) -> None:
+    spawn(_starts_from_rank_0, 2, tmp_path, model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -14,11 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import StepLR
 
-from tests.extras import requires_extra
-from xp.checkpoint import COMPLETE_MARKER, Checkpointer, CheckpointError
+from tests.extras import STRICT_ENV, installed, requires_extra
+from xp.checkpoint import (
+    COMPLETE_MARKER,
+    Checkpointer,
+    CheckpointError,
+    file_digests,
+    folder_files,
+    verify,
+    write_marker,
+)
 from xp.config import ClipGradConfig, OptimConfig, RandomnessConfig
 from xp.model import MLP
 from xp.optim import OptimSpec
+from xp.randomness import seed_everything
 from xp.scheduler import Phase
 from xp.strategy import DeepSpeedStrategy
 from xp.strategy.base import TrainingLength
@@ -179,14 +189,42 @@ def test_train_save_resume_and_export(spawn, tmp_path: Path, zero_stage: int) ->
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
 
-    # DeepSpeed unpickles its files unrestricted: xp refuses unknown globals first...
+    # DeepSpeed's own tool, as a user runs it from the run directory, finds the checkpoint
+    # through `latest` and converts it to what xp exports.
+    assert (tmp_path / "checkpoints" / "latest").read_text() == path.name
+    if not installed("huggingface_hub") and os.environ.get(STRICT_ENV) != "1":
+        pytest.skip("DeepSpeed's zero_to_fp32.py needs huggingface_hub (pip install it)")
+    converted = subprocess.run(
+        [sys.executable, "checkpoints/zero_to_fp32.py", "checkpoints", "out"],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert converted.returncode == 0, converted.stdout[-3000:] + converted.stderr[-3000:]
+    tool = torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True)
+    assert set(tool) == set(state)
+    for key, value in state.items():
+        torch.testing.assert_close(tool[key].float(), value, rtol=0, atol=0, msg=key)
+
+    # Every file's checksum is in the marker (each rank's own files included)...
+    files = json.loads((path / COMPLETE_MARKER).read_text())["files"]
+    assert {"extra.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= set(files)
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in files
+    assert verify(path)
     tampered = tmp_path / "tampered" / path.name
     shutil.copytree(path, tampered)
     victim = next(tampered.glob("*optim_states.pt"))
     torch.save({"payload": PurePosixPath("anything")}, victim)
+    with pytest.raises(CheckpointError, match=f"(truncated|checksum mismatch).*{victim.name}"):
+        export_model_state(tampered)
+    # ...and DeepSpeed, which unpickles its files unrestricted, gets none that xp's
+    # restricted load refuses (the checksums rewritten too, as an attacker would)...
+    write_marker(tampered, file_digests(tampered, folder_files(tampered)), kind="deepspeed")
     with pytest.raises(CheckpointError, match="pathlib.PurePosixPath"):
         export_model_state(tampered)
-    # ...and folders whose save did not finish.
+    # ...nor folders whose save did not finish.
     (tampered / COMPLETE_MARKER).unlink()
     with pytest.raises(CheckpointError, match=COMPLETE_MARKER):
         export_model_state(tampered)
@@ -257,3 +295,54 @@ def test_cli_run_on_two_processes_writes_complete_checkpoints(tmp_path: Path) ->
     assert checkpoints, sorted(p.name for p in (runs[0] / "checkpoints").iterdir())
     for path in checkpoints:
         assert (path / COMPLETE_MARKER).is_file() and (path / "extra.pt").is_file()
+
+
+# --------------------------------------------------------------------------- rank 0's initial model
+
+
+class Noisy(torch.nn.Module):
+    """Draws its parameters and a buffer from the RNG when built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _model()
+        self.register_buffer("offset", torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + self.offset)
+
+
+def _starts_from_rank_0(rank: int, world_size: int, tmp: Path, zero_stage: int) -> None:
+    strategy = DeepSpeedStrategy(
+        log_dir=tmp / "init",
+        experiment_name="ds",
+        randomness=RandomnessConfig(seed=3, diff_rank_seed=True),
+        zero_stage=zero_stage,
+        threads_per_process=1,
+        timeout_s=120,
+    )
+    with strategy:
+        assert strategy.seed == 3 + rank  # each rank initializes its own model differently
+        strategy.prepare(
+            Noisy,
+            optim=OptimSpec(
+                functools.partial(torch.optim.AdamW, lr=LR),
+                OptimConfig(_target_="torch.optim.AdamW"),
+            ),
+            batch_size=4,
+        )
+        state = {k: v.detach().float().clone() for k, v in strategy.model_state_dict().items()}
+        states = strategy.all_gather_object(state)
+        seed_everything(3)
+        rank_0 = Noisy().state_dict()
+        seed_everything(4)
+        assert not torch.equal(Noisy().state_dict()["offset"], rank_0["offset"])
+        for saw in states:
+            assert set(saw) == set(rank_0)
+            for key, value in rank_0.items():
+                torch.testing.assert_close(saw[key], value, rtol=0, atol=0, msg=(rank, key))
+
+
+@needs_deepspeed
+def test_every_rank_starts_from_rank_0s_model(spawn, tmp_path: Path) -> None:
+    spawn(_starts_from_rank_0, 2, tmp_path, 3)

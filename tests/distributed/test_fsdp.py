@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import pickle
+import shutil
 import subprocess
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -20,11 +25,23 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.utils.data import TensorDataset
 
-from xp.checkpoint import COMPLETE_MARKER, Checkpointer, CheckpointError, is_complete
+from xp.checkpoint import (
+    COMPLETE_MARKER,
+    CheckpointCorrupt,
+    Checkpointer,
+    CheckpointError,
+    file_digests,
+    folder_files,
+    is_complete,
+    verify,
+    write_marker,
+)
 from xp.config import AdamWConfig, CheckpointConfig, DType, RandomnessConfig, TrainerConfig
 from xp.data import EpochLoader
 from xp.model import MLP
 from xp.optim import OptimSpec
+from xp.randomness import seed_everything
+from xp.resume import _from_path
 from xp.strategy import FSDPStrategy
 from xp.strategy.fsdp import export_model_state
 from xp.trainer import Progress, Trainer, training_length
@@ -315,26 +332,212 @@ def test_activation_checkpointing_and_bf16_train_through_the_trainer(spawn, tmp_
     spawn(_train_with_trainer, 2, tmp_path)
 
 
+# --------------------------------------------------------------------------- rank 0's initial model
+
+
+class Noisy(nn.Module):
+    """Draws its parameters and a buffer from the RNG when built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP(8, [16, 16], 3, dropout=0.0)
+        self.register_buffer("offset", torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + self.offset)
+
+
+def _starts_from_rank_0_and_records_every_shard(rank: int, world_size: int, tmp: Path) -> None:
+    strategy = FSDPStrategy(
+        log_dir=tmp / "exp" / "init",
+        experiment_name="exp",
+        randomness=RandomnessConfig(seed=3, diff_rank_seed=True),
+        shard_modules=["Linear"],
+        threads_per_process=1,
+        timeout_s=60,
+    )
+    assert strategy.seed == 3 + rank  # each rank initializes its own model differently
+    prepared = strategy.prepare(
+        Noisy, optim=OptimSpec(partial(torch.optim.AdamW, lr=LR), AdamWConfig(lr=LR))
+    )
+    full = full_model(prepared)
+    seed_everything(3)
+    rank_0 = Noisy().state_dict()
+    seed_everything(4)
+    assert not torch.equal(Noisy().state_dict()["offset"], rank_0["offset"])
+    assert set(full) == set(rank_0)
+    for key, value in rank_0.items():
+        assert torch.equal(full[key], value), (rank, key)
+
+    # Each rank hashes the shards it wrote, synchronously and on DCP's thread.
+    checkpoints = Checkpointer(tmp / "checkpoints", sharded=True)
+    strategy.save_checkpoint(checkpoints.path_for(1))
+    strategy.use_async_checkpoints()
+    strategy.save_checkpoint(checkpoints.path_for(2))
+    strategy.wait_for_checkpoints()
+    strategy.barrier()
+    for step in (1, 2):
+        path = checkpoints.path_for(step)
+        files = json.loads((path / COMPLETE_MARKER).read_text())["files"]
+        assert sorted(files) == [".metadata", "__0_0.distcp", "__1_0.distcp", "extra.pt"], files
+        assert verify(path, share=(rank, world_size))
+    teardown([strategy])
+
+
+def test_every_rank_starts_from_rank_0s_model(spawn, tmp_path: Path) -> None:
+    """diff_rank_seed=true used to shard rank 0's rows of one layer with rank 1's of another."""
+    spawn(_starts_from_rank_0_and_records_every_shard, 2, tmp_path)
+
+
+# --------------------------------------------------------------------------- checksums, payloads
+
+
+class Payload:
+    """Unpickled without restriction, it writes ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('code ran')",))
+
+
+def reseal(folder: Path) -> None:
+    """Rewrite the marker's checksums for the folder as it now is (as an attacker can)."""
+    write_marker(folder, file_digests(folder, folder_files(folder)), kind="fsdp")
+
+
+def test_a_corrupt_shard_is_named_and_resume_falls_back(one_rank, tmp_path: Path) -> None:
+    strategy = one_rank()
+    prepare(strategy)
+    run_dir = tmp_path / "run"
+    checkpoints = Checkpointer(run_dir / "checkpoints", sharded=True)
+    for step in (1, 2):
+        strategy.save_checkpoint(checkpoints.path_for(step), extra={"progress": {"step": step}})
+    shard = checkpoints.path_for(2) / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+    for load in (strategy.resume, strategy.load_checkpoint):
+        with pytest.raises(CheckpointCorrupt, match=r"checksum mismatch in __0_0\.distcp"):
+            load(checkpoints.path_for(2))
+    with pytest.raises(CheckpointError, match=r"checksum mismatch in __0_0\.distcp"):
+        export_model_state(checkpoints.path_for(2))
+    assert _from_path(run_dir) == (checkpoints.path_for(1), run_dir)
+    assert strategy.resume(checkpoints.path_for(1))["progress"] == {"step": 1}
+
+
+def test_crafted_checkpoints_run_no_code_on_resume_test_or_load_from(
+    one_rank, tmp_path: Path
+) -> None:
+    marker = tmp_path / "pwned"
+    strategy = one_rank()
+    prepared = prepare(strategy)
+    real = tmp_path / "real"
+    strategy.save_checkpoint(real, extra={"progress": {"step": 1}})
+
+    # DCP's .metadata is a pickle (pickle.load in DCP's own reader).
+    metadata = tmp_path / "metadata"
+    shutil.copytree(real, metadata)
+    (metadata / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    reseal(metadata)
+    # A non-tensor entry of a shard (DCP reads those with torch.load(weights_only=False)).
+    entry = tmp_path / "entry"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is")
+        model = {k: v.clone() for k, v in full_model(prepared).items()}
+        dcp.save({"model": {**model, "evil": Payload(marker)}}, checkpoint_id=entry, no_dist=True)
+    shutil.copy(real / "extra.pt", entry / "extra.pt")
+    reseal(entry)
+
+    for crafted in (metadata, entry):
+        with pytest.raises(CheckpointError, match="is refused"):
+            strategy.resume(crafted)  # resume=
+        with pytest.raises(CheckpointError, match="is refused"):
+            strategy.load_checkpoint(crafted)  # test=
+        with pytest.raises(CheckpointError, match="is refused"):
+            strategy.load_checkpoint(crafted, strict=False)  # load_from=
+        with pytest.raises(CheckpointError, match="is refused"):
+            export_model_state(crafted)  # xp export
+        assert not marker.exists()
+    strategy.resume(real)  # a real checkpoint still loads
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
-def test_cli_run_writes_complete_sharded_checkpoints(tmp_path: Path) -> None:
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "xp", "strategy=fsdp", "strategy.nproc_per_node=2",
-            "strategy.shard_modules=[Linear]", "trainer.max_epochs=2", "tracking.enabled=false",
-        ],
-        cwd=tmp_path,
+    return subprocess.run(
+        [sys.executable, "-m", "xp", *args],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run directory of one FSDP run on 2 processes, from the command line."""
+    cwd = tmp_path_factory.mktemp("fsdp-cli")
+    result = run_cli(
+        cwd, "strategy=fsdp", "strategy.nproc_per_node=2", "strategy.shard_modules=[Linear]",
+        "trainer.max_epochs=2", "tracking.enabled=false",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (tmp_path / "outputs" / "default").iterdir()
-    folders = sorted((run_dir / "checkpoints").iterdir())
+    (run_dir,) = (cwd / "outputs" / "default").iterdir()
+    return run_dir
+
+
+def test_cli_run_writes_complete_sharded_checkpoints(cli_run: Path) -> None:
+    folders = sorted((cli_run / "checkpoints").iterdir())
     assert folders and all(p.is_dir() and is_complete(p) for p in folders), folders
     assert all((p / "extra.pt").is_file() and (p / ".metadata").is_file() for p in folders)
+    for folder in folders:  # every file's checksum, both ranks' shards included
+        assert verify(folder)
+        files = json.loads((folder / COMPLETE_MARKER).read_text())["files"]
+        assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "extra.pt"} <= set(files)
+
+
+def test_cli_resume_and_export_of_a_crafted_checkpoint_run_no_code(
+    cli_run: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "outputs" / "default" / cli_run.name
+    shutil.copytree(cli_run, crafted)
+    for folder in Checkpointer(crafted / "checkpoints", sharded=True).list():
+        (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+        reseal(folder)
+
+    resumed = run_cli(tmp_path, f"resume={crafted}")
+    assert resumed.returncode != 0
+    assert "is refused" in resumed.stderr, resumed.stderr[-3000:]
+    exported = run_cli(tmp_path, "export", f"ckpt={crafted}", f"out={tmp_path / 'model.pt'}")
+    assert exported.returncode == 1
+    assert "is refused" in exported.stderr, exported.stderr[-3000:]
+    assert not marker.exists()
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_cli_load_from_another_model_stops_before_training(cli_run: Path, tmp_path: Path) -> None:
+    args = ["strategy=fsdp", "model.hidden_sizes=[32]", "tracking.enabled=false"]
+    refused = run_cli(tmp_path, *args, f"load_from={cli_run}")
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    error = refused.stderr.strip().splitlines()[-1]
+    assert error.startswith("xp: error: Checkpoint ") and "does not fit this model" in error
+    assert "shape mismatch [backbone.1.weight: checkpoint (128, 64) vs model (32, 64)" in error
+    assert "unexpected [backbone." in error and "load_from_strict=false" in error
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "outputs" / "default").exists()  # no run dir left behind
+
+    partial_load = run_cli(tmp_path, *args, "trainer.max_epochs=1", f"load_from={cli_run}",
+                           "load_from_strict=false")  # fmt: skip
+    assert partial_load.returncode == 0, partial_load.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "default").iterdir()
+    log = (run_dir / f"{run_dir.name}.log").read_text()
+    assert "not loaded: shape mismatch [backbone.1.weight" in log

@@ -155,10 +155,33 @@ def test_load_checkpoint_rewrites_module_prefix(tmp_path: Path) -> None:
 def test_load_checkpoint_of_another_model_names_the_mismatch(tmp_path: Path) -> None:
     strategy = make_strategy(tmp_path)
     prepare(strategy)
+    other = MLP(in_features=8, hidden_sizes=[32, 32], num_classes=3)
+    atomic_save({"model": other.state_dict()}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError) as e:
+        strategy.load_checkpoint(tmp_path / "other.pt")
+    message = str(e.value)
+    assert message.startswith(f"Checkpoint {tmp_path / 'other.pt'} does not fit this model: ")
+    assert "1 of the model's 6 tensors match" in message  # head.bias only
+    assert "shape mismatch [backbone.1.weight: checkpoint (32, 8) vs model (16, 8)" in message
+    assert (
+        "unexpected [backbone.5.bias, backbone.5.weight, backbone.6.bias, backbone.6.weight]"
+        in (message)
+    )
+    assert "set load_from_strict=false" in message
+
+
+def test_a_partial_load_asked_for_loads_what_matches_and_logs_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    strategy = make_strategy(tmp_path)
+    prepared = prepare(strategy)
     other = MLP(in_features=8, hidden_sizes=[32], num_classes=3)
     atomic_save({"model": other.state_dict()}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match=r"shape mismatch .*backbone\.1\.weight"):
-        strategy.load_checkpoint(tmp_path / "other.pt")
+    strategy.load_checkpoint(tmp_path / "other.pt", strict=False)
+    assert torch.equal(prepared.model.head.bias, other.head.bias)
+    logged = capsys.readouterr().err
+    assert "Loaded 1 of the model's 6 tensors from checkpoint" in logged
+    assert "not loaded: shape mismatch [backbone.1.weight" in logged
 
 
 def test_load_or_resume_finds_the_latest_checkpoint_of_the_experiment(tmp_path: Path) -> None:
@@ -182,7 +205,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     path = strategy.save_checkpoint(tmp_path / "c.pt")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match=r"is corrupt \(truncated"):
         strategy.resume(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         strategy.resume(tmp_path / "missing.pt")
@@ -213,7 +236,7 @@ def test_atomic_save_keeps_previous_file_when_writing_fails(tmp_path: Path, monk
         atomic_save({"v": torch.tensor(2)}, path)
     monkeypatch.undo()
     assert load_file(path)["v"].item() == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "ckpt.pt.sha256"]
 
 
 def test_checkpointer_keeps_the_newest(tmp_path: Path) -> None:

@@ -26,10 +26,12 @@ from torch import nn
 from xp import randomness as rnd
 from xp.checkpoint import (
     AsyncCheckpointWriter,
+    CheckpointCorrupt,
     Checkpointer,
     CheckpointError,
     atomic_save,
     load_file,
+    verify,
 )
 from xp.config import (
     AutoScaleLRConfig,
@@ -546,8 +548,16 @@ class Strategy(ABC):
         *,
         strict: bool = True,
         revise_keys: Sequence[tuple[str, str]] = ((r"^module\.", ""),),
+        source: str = "The checkpoint",
     ) -> None:
         """Load model weights, rewriting key prefixes first (a leading ``module.`` by default).
+
+        Args:
+            state: The weights, by name.
+            strict: Every tensor of the model must be in ``state``, with its shape, and
+                nothing else; otherwise only those that match load (and the rest is logged).
+            revise_keys: ``(pattern, replacement)`` rewrites of the names in ``state``.
+            source: What the weights come from, for messages (``Checkpoint <path>``).
 
         Raises:
             CheckpointError: with ``strict``, when keys or shapes do not match.
@@ -564,30 +574,37 @@ class Strategy(ABC):
         ]
         missing = sorted(set(own) - set(revised))
         unexpected = sorted(set(revised) - set(own))
-        if strict and (mismatched or missing or unexpected):
+        matched = len(own) - len(missing) - len(mismatched)
+        summary = "; ".join(
+            f"{what} {_shortened(names)}"
+            for what, names in (
+                ("shape mismatch", mismatched),
+                ("missing", missing),
+                ("unexpected", unexpected),
+            )
+            if names
+        )
+        if strict and summary:
             raise CheckpointError(
-                "The checkpoint does not fit this model: "
-                + "; ".join(
-                    part
-                    for part in (
-                        f"shape mismatch {mismatched[:5]}" if mismatched else "",
-                        f"missing {missing[:5]}" if missing else "",
-                        f"unexpected {unexpected[:5]}" if unexpected else "",
-                    )
-                    if part
-                )
-                + ". Use the model config the checkpoint was trained with."
+                f"{source} does not fit this model: {matched} of the model's {len(own)} "
+                f"tensors match ({summary}). Use the model config the checkpoint was trained "
+                "with; to start a new run from the matching tensors only (load_from=), set "
+                "load_from_strict=false."
             )
         if mismatched:
             bad = {m.split(":")[0] for m in mismatched}
             revised = {k: v for k, v in revised.items() if k not in bad}
         module.load_state_dict(revised, strict=False)
-        if missing or unexpected or mismatched:
+        if summary:
             self.logger.warning(
-                "Loaded weights partially: missing %s, unexpected %s, skipped (shape) %s.",
-                missing[:10],
-                unexpected[:10],
-                mismatched[:10],
+                "Loaded %d of the model's %d tensors from %s%s; not loaded: %s.",
+                matched,
+                len(own),
+                source[0].lower() + source[1:],
+                " (none matched: the model starts from its own initialization)"
+                if matched == 0
+                else "",
+                summary,
             )
 
     def load_optim_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -658,7 +675,12 @@ class Strategy(ABC):
             raise CheckpointError(
                 f"Checkpoint {path} has no model state; it was not written by xp."
             )
-        self.load_model_state_dict(checkpoint["model"], strict=strict, revise_keys=revise_keys)
+        self.load_model_state_dict(
+            checkpoint["model"],
+            strict=strict,
+            revise_keys=revise_keys,
+            source=f"Checkpoint {path}",
+        )
         if optimizer and "optim" in checkpoint:
             self.load_optim_state_dict(checkpoint["optim"])
 
@@ -784,18 +806,41 @@ class Strategy(ABC):
         return None
 
     def find_latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint of any run of this experiment."""
-        candidates = (
-            [
-                path
-                for run_dir in self.work_dir.iterdir()
-                if run_dir.is_dir()
-                for path in Checkpointer(run_dir / "checkpoints").list()[-1:]
-            ]
-            if self.work_dir.is_dir()
-            else []
-        )
+        """The newest complete checkpoint of any run of this experiment that verifies.
+
+        Newer ones that fail their checksums are skipped, with a warning naming them.
+        """
+        candidates: list[Path] = []
+        if self.work_dir.is_dir():
+            for run_dir in self.work_dir.iterdir():
+                if not run_dir.is_dir():
+                    continue
+                found, skipped = Checkpointer(run_dir / "checkpoints").latest_verified()
+                for corrupt in skipped:
+                    self.logger.warning("Skipping checkpoint %s: %s.", corrupt.path, corrupt.reason)
+                if found is not None:
+                    candidates.append(found)
         return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+    def verify_checkpoint(self, path: Path) -> bool:
+        """Check every file of a checkpoint against its recorded checksums, on every rank.
+
+        The ranks share the files of a folder and agree on the outcome, so all raise or
+        none does. Returns False for a checkpoint that records no checksums (an older one).
+
+        Raises:
+            CheckpointCorrupt: A file is missing, truncated or changed since it was saved.
+        """
+        outcome: tuple[bool, str | None] = (False, None)
+        try:
+            outcome = (verify(path, share=(self.rank, self.world_size)), None)
+        except CheckpointCorrupt as e:
+            outcome = (False, e.reason)
+        outcomes = self.all_gather_object(outcome) if self.world_size > 1 else [outcome]
+        reasons = [reason for _, reason in outcomes if reason]
+        if reasons:
+            raise CheckpointCorrupt(path, reasons[0])
+        return any(verified for verified, _ in outcomes)
 
     # ------------------------------------------------------------------ environment info
 
@@ -814,6 +859,12 @@ class Strategy(ABC):
             "strategy": type(self).__name__,
         }
         return system, runtime
+
+
+def _shortened(names: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` names, and how many more there are."""
+    head = ", ".join(names[:shown])
+    return f"[{head}{f', ... ({len(names) - shown} more)' if len(names) > shown else ''}]"
 
 
 def _move(obj: Any, device: torch.device) -> Any:

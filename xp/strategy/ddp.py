@@ -57,16 +57,10 @@ class DDPStrategy(DistributedStrategy):
             # follow. mmengine wraps each part in a DDP of its own; here the replicas start
             # equal and each optimizer wrapper averages its gradients before it steps, which
             # holds for any train_step (at the price of no overlap with backward).
-            self._broadcast_module(model)
+            self.broadcast_module(model)
             return model
         device_ids = [self.root_device] if self.root_device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, **self._ddp_kwargs)
-
-    def _broadcast_module(self, model: nn.Module) -> None:
-        """Rank 0's parameters and buffers on every rank."""
-        with torch.no_grad():
-            for tensor in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(tensor.data, src=0)
 
     def _no_sync(self, model: nn.Module) -> Callable[[], Any] | None:
         return model.no_sync if isinstance(model, DistributedDataParallel) else None

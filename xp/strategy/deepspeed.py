@@ -11,7 +11,13 @@ ends one, so an epoch's short last window steps, as with the other strategies.
 
 A checkpoint is a folder ``step_XXXXXXXX/``: the engine's own files, written by every
 rank, and ``extra.pt`` (schedules, every rank's RNG state, progress, config) from rank 0,
-then the ``COMPLETE`` marker.
+then the ``COMPLETE`` marker with every file's size and sha256. Then rank 0 points
+``checkpoints/latest`` at it, as DeepSpeed's own ``save_checkpoint`` does, so that
+DeepSpeed's tools (``python checkpoints/zero_to_fp32.py checkpoints out/``) find it.
+
+DeepSpeed reads its files with ``torch.load(weights_only=False)``; before it does, xp
+loads each of them with ``torch.load(weights_only=True)`` (tensor data memory-mapped, not
+read), admitting only the few DeepSpeed classes its checkpoints hold.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import contextlib
 import functools
 import os
 import pickle
-import warnings
+import re
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +37,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from xp.checkpoint import COMPLETE_MARKER, CheckpointError, atomic_save, load_file
+from xp.checkpoint import (
+    COMPLETE_MARKER,
+    CheckpointError,
+    atomic_save,
+    file_digests,
+    load_file,
+    own_files,
+    unpickling_refusal,
+    verify,
+    write_marker,
+    write_text_atomic,
+)
 from xp.config import AMP, DType
 from xp.optim import OptimSpec, OptimWrapper, OptimWrapperDict
 from xp.strategy.distributed import DistributedStrategy
@@ -50,6 +67,10 @@ INSTALL_HINT = (
 )
 EXTRA_FILE = "extra.pt"
 """What xp saves beside the engine's files in a checkpoint folder (rank 0, weights_only-safe)."""
+LATEST_FILE = "latest"
+"""In the checkpoints folder: the name of the newest complete checkpoint, for DeepSpeed's tools."""
+_RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")
+"""DeepSpeed names the files data-parallel rank r writes ``[bf16_]zero_pp_rank_<r>_...``."""
 
 # Raw DeepSpeed keys that xp derives from its own settings: set there, so the loop's
 # accumulation, the LR schedule and the batch size agree with what the engine does.
@@ -69,15 +90,14 @@ _DERIVED_KEYS = {
     "fp16.enabled": "strategy.precision",
 }
 
-# Classes DeepSpeed pickles into its optimizer-state files. DeepSpeed reads those files
-# with an unrestricted torch.load, so xp first refuses any file that names other globals.
-_DEEPSPEED_PICKLE_GLOBALS = frozenset(
-    {
-        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-        "deepspeed.runtime.zero.config.ZeroStageEnum",
-        "deepspeed.utils.tensor_fragment.fragment_address",
-    }
+# Classes DeepSpeed pickles into its checkpoint files, besides what torch.load(weights_only=
+# True) admits anyway. DeepSpeed reads those files with an unrestricted torch.load, so xp
+# first loads each with weights_only=True, admitting these and nothing else.
+_DEEPSPEED_PICKLE_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
 )
 
 
@@ -321,6 +341,9 @@ class DeepSpeedStrategy(DistributedStrategy):
                 "strategy=deepspeed needs the per-process batch size (data.batch_size); pass "
                 "prepare(batch_size=...)."
             )
+        # deepspeed.initialize broadcasts rank 0's parameters (DeepSpeedEngine._broadcast_model),
+        # not its buffers.
+        self.broadcast_module(model, parameters=False)
         config = self.engine_config(
             batch_size=batch_size,
             accumulative_counts=wrapper.accumulative_counts,
@@ -402,12 +425,13 @@ class DeepSpeedStrategy(DistributedStrategy):
         *,
         strict: bool = True,
         revise_keys: Sequence[tuple[str, str]] = ((r"^module\.", ""),),
+        source: str = "The checkpoint",
     ) -> None:
         """Load plain model weights (e.g. ``load_from`` a single-file checkpoint) into the engine.
 
         Every rank must call it. The engine's fp32 master weights are refreshed from them.
         """
-        load = super().load_model_state_dict
+        load = functools.partial(super().load_model_state_dict, source=source)
         engine = self._engine
         if engine is None:  # prepared without an optimizer: a plain module
             load(state, strict=strict, revise_keys=revise_keys)
@@ -443,28 +467,34 @@ class DeepSpeedStrategy(DistributedStrategy):
         return False
 
     def _write_checkpoint(self, state: dict[str, Any], path: Path) -> None:
-        """Every rank writes its engine files; rank 0 writes ``extra.pt``, then the marker."""
+        """Every rank writes its engine files; rank 0 writes ``extra.pt``, the marker, and
+        then ``latest``."""
         marker = path / COMPLETE_MARKER
         if self.is_main_process:
             # Overwriting a folder: it must not look complete while it is rewritten.
             marker.unlink(missing_ok=True)
         self.barrier()
         # No client_state: DeepSpeed would pickle it into files it reads back unrestricted.
+        # No `latest` yet: DeepSpeed would point it at a folder without its marker.
         self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
         if self.is_main_process:
-            atomic_save(state, path / EXTRA_FILE)
+            atomic_save(state, path / EXTRA_FILE, checksum=False)
         self.barrier()
+        # Each rank hashes the files it wrote; rank 0 the rest (its own, extra.pt).
+        mine = own_files(path, self.rank, self.world_size, _RANK_FILE)
+        digests = self.all_gather_object(file_digests(path, mine))
         if self.is_main_process:
             _fsync_files(path)
-            marker.write_text("deepspeed\n")
-            _fsync_dir(path)
+            write_marker(path, {k: v for d in digests for k, v in d.items()}, kind="deepspeed")
+            write_text_atomic(path.parent / LATEST_FILE, path.name)
         self.barrier()
 
     def _read_checkpoint(self, path: Path) -> dict[str, Any]:
         if not path.is_dir():
             return super()._read_checkpoint(path)
         _check_complete(path)
-        return load_file(path / EXTRA_FILE)
+        self.verify_checkpoint(path)
+        return load_file(path / EXTRA_FILE, check=False)
 
     def _restore_states(
         self,
@@ -491,7 +521,10 @@ class DeepSpeedStrategy(DistributedStrategy):
             # Weights only (load_from, fine-tuning): gathered from the files, so any stage and
             # world size fit, and key rewriting and strictness work as for plain state dicts.
             self.load_model_state_dict(
-                export_model_state(path), strict=strict, revise_keys=revise_keys
+                export_model_state(path, check=False),  # _read_checkpoint verified it
+                strict=strict,
+                revise_keys=revise_keys,
+                source=f"Checkpoint {path}",
             )
             return
         saved = int(checkpoint.get("meta", {}).get("world_size", self.world_size))
@@ -533,19 +566,26 @@ class DeepSpeedStrategy(DistributedStrategy):
         return system, runtime
 
 
-def export_model_state(path: Path) -> dict[str, torch.Tensor]:
+def export_model_state(path: Path, *, check: bool = True) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of a DeepSpeed checkpoint folder, as CPU tensors.
 
     Needs no process group: the partitions are gathered from the files.
 
+    Args:
+        path: A complete DeepSpeed checkpoint folder.
+        check: Verify its files' checksums first.
+
     Raises:
-        CheckpointError: The folder is incomplete, or its files name unexpected globals.
+        CheckpointError: The folder is incomplete or corrupt, or its files pickle objects
+            that DeepSpeed checkpoints do not hold.
         ValueError: DeepSpeed is not installed.
     """
     path = Path(path)
     _check_complete(path)
-    _check_pickles(path)
+    if check:
+        verify(path)
     import_deepspeed(cpu=True)
+    _check_pickles(path)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with _quiet():
@@ -600,42 +640,44 @@ def _check_complete(path: Path) -> None:
 
 
 def _check_pickles(path: Path) -> None:
-    """Refuse engine files that name globals other than DeepSpeed's own state classes.
+    """Refuse engine files that pickle anything but tensors, plain data and DeepSpeed's
+    own state classes.
 
-    DeepSpeed reads them with ``torch.load(weights_only=False)``; this scan reads only the
-    pickles' opcodes (no tensor data) and runs none of them.
+    DeepSpeed reads them with ``torch.load(weights_only=False)``; here each is first
+    loaded with ``weights_only=True`` (its whole pickle, through torch's restricted
+    unpickler; the tensor data memory-mapped, not read), which runs none of them. A file
+    that is not a zip-format torch file is refused too: torch would unpickle a legacy or
+    raw pickle file without restriction.
     """
-    scan: Callable[[str], list[str]] | None = getattr(
-        torch.serialization, "get_unsafe_globals_in_checkpoint", None
-    )
-    if scan is None:
-        _warn_unscanned()
-        return
+    allowed = [_deepspeed_class(module, name) for module, name in _DEEPSPEED_PICKLE_GLOBALS]
+    scoped = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    if scoped is None:
+        torch.serialization.add_safe_globals(allowed)
     for file in sorted(path.glob("*.pt")):
         if file.name == EXTRA_FILE:
             continue  # read with weights_only=True
         try:
-            unexpected = sorted(set(scan(str(file))) - _DEEPSPEED_PICKLE_GLOBALS)
-        except (RuntimeError, ValueError, OSError, zipfile.BadZipFile, pickle.PickleError) as e:
+            with scoped(allowed) if scoped is not None else contextlib.nullcontext():
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
             raise CheckpointError(
-                f"Checkpoint file {file} is corrupt or not a torch zip file ({e}); use an earlier "
-                "checkpoint."
+                f"Checkpoint file {file} pickles objects that DeepSpeed checkpoints do not hold "
+                f"({unpickling_refusal(e)}); DeepSpeed would unpickle it without restriction, "
+                "so it is refused. Only load checkpoints you trust."
             ) from e
-        if unexpected:
+        except (RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise CheckpointError(
-                f"Checkpoint file {file} pickles {unexpected[:5]}, which DeepSpeed checkpoints do "
-                "not hold; DeepSpeed would unpickle it without restriction, so it is refused. Only "
-                "load checkpoints you trust."
-            )
+                f"Checkpoint file {file} is corrupt or not a zip-format torch file "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
+                "DeepSpeed would unpickle it without restriction, so it is refused. Use an "
+                "earlier checkpoint."
+            ) from e
 
 
-@functools.cache
-def _warn_unscanned() -> None:
-    warnings.warn(
-        f"torch {torch.__version__} cannot list the globals a checkpoint pickles (torch >= 2.5 "
-        "can), so DeepSpeed checkpoints are loaded unchecked; only load checkpoints you trust.",
-        stacklevel=3,
-    )
+def _deepspeed_class(module: str, name: str) -> Any:
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 
 def _fsync_files(path: Path) -> None:

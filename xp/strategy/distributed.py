@@ -12,11 +12,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from xp.config import Backend, Device, Launcher
 from xp.strategy.base import Strategy
 
 _collect_at_exit = False
+_BROADCAST_BUCKET_BYTES = 256 << 20
+"""At most this much of a model crosses in one broadcast (a flat copy of it is made)."""
 
 
 class DistributedStrategy(Strategy):
@@ -141,10 +145,54 @@ class DistributedStrategy(Strategy):
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast_module(self, model: nn.Module, *, parameters: bool = True, src: int = 0) -> None:
+        """Rank ``src``'s parameters and buffers, copied into ``model`` on every rank.
+
+        Every strategy starts from the model rank 0 built (mmengine broadcasts after
+        ``init_weights`` too): with ``randomness.diff_rank_seed`` each rank initializes
+        its own differently. One broadcast per dtype and bucket, not per tensor.
+
+        Args:
+            model: The built model, on this rank's device, before it is wrapped.
+            parameters: Also the parameters (False: only the buffers).
+            src: The rank whose values every rank gets.
+        """
+        if self.world_size == 1:
+            return
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        tensors = [*model.parameters(), *model.buffers()] if parameters else [*model.buffers()]
+        for tensor in tensors:
+            groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.data)
+        with torch.no_grad():
+            for tensors in groups.values():
+                for bucket in _buckets(tensors, _BROADCAST_BUCKET_BYTES):
+                    # gloo broadcasts no bool tensors: their bytes cross as uint8.
+                    raw = [t.view(torch.uint8) if t.dtype == torch.bool else t for t in bucket]
+                    flat = _flatten_dense_tensors(raw)
+                    dist.broadcast(flat, src=src)
+                    for tensor, synced in zip(
+                        raw, _unflatten_dense_tensors(flat, raw), strict=True
+                    ):
+                        tensor.copy_(synced)
+
     def collect_env(self) -> tuple[dict[str, Any], dict[str, Any]]:
         system, runtime = super().collect_env()
         runtime["backend"] = self._backend.value
         return system, runtime
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """``tensors`` in order, in runs of at most ``limit`` bytes (a larger tensor alone)."""
+    out: list[list[torch.Tensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if out[-1] and size + nbytes > limit:
+            out.append([])
+            size = 0
+        out[-1].append(tensor)
+        size += nbytes
+    return [bucket for bucket in out if bucket]
 
 
 def free_port() -> int:

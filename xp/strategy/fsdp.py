@@ -2,8 +2,13 @@
 
 Checkpoints are folders that every rank writes in parallel with
 ``torch.distributed.checkpoint`` (DCP): the model and optimizer shards, plus ``extra.pt``
-(schedules, RNG states, progress, config) from rank 0 and, last, the ``COMPLETE`` marker.
-DCP reshards on load, so a run saved on N ranks resumes on M.
+(schedules, RNG states, progress, config) from rank 0 and, last, the ``COMPLETE`` marker,
+which records every file's size and sha256 (each rank hashes its own shards). DCP
+reshards on load, so a run saved on N ranks resumes on M.
+
+DCP's reader unpickles the folder's ``.metadata`` and the non-tensor entries of its shards
+without restriction; xp reads both through :class:`SafeReader`, which builds only DCP's
+own metadata classes and plain data, so a crafted folder cannot run code.
 
 With ``checkpoint.async_save=true`` training waits only while DCP copies the shards into
 host memory; DCP's thread writes them, and rank 0 then writes ``extra.pt`` and the marker.
@@ -17,12 +22,16 @@ import atexit
 import contextlib
 import copy
 import gc
+import io
+import pickle
+import re
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -34,7 +43,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     apply_activation_checkpointing,
     checkpoint_wrapper,
 )
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
@@ -48,15 +58,22 @@ from torch.distributed.fsdp import (
     MixedPrecisionPolicy,
     fully_shard,
 )
+from torch.futures import Future as TorchFuture
 
 from xp.checkpoint import (
     COMPLETE_MARKER,
     CheckpointError,
-    atomic_save,
     call_on_done,
+    file_digests,
     is_complete,
     load_file,
+    own_files,
+    restricted_load,
+    save_with_digest,
+    unpickling_refusal,
+    verify,
     wait_for_background_save,
+    write_marker,
 )
 from xp.config import DType
 from xp.optim import OptimWrapper
@@ -67,6 +84,34 @@ EXTRA_FILE = "extra.pt"
 _SHARDED = ("model", "optim")
 """The checkpoint entries that DCP writes as shards; the rest goes to ``extra.pt``."""
 _DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}
+_SHARD_WRITER = re.compile(r"^__(\d+)_")
+"""DCP names the files rank r writes ``__<r>_<n>.distcp``."""
+_PATHS = frozenset(
+    {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}
+)
+_METADATA_GLOBALS: dict[str, frozenset[str]] = {
+    "torch.distributed.checkpoint.metadata": frozenset(
+        {
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        }
+    ),
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    "torch": frozenset(
+        {"Size", *(name for name, value in vars(torch).items() if isinstance(value, torch.dtype))}
+    ),
+    "pathlib": _PATHS,  # StorageMeta.checkpoint_id: the folder it was saved to
+    "pathlib._local": _PATHS,  # where Python 3.13 defines them
+    "collections": frozenset({"OrderedDict"}),
+}
+"""What DCP pickles into ``.metadata``: its own dataclasses, sizes, dtypes and paths."""
 
 
 class FSDPStrategy(DistributedStrategy):
@@ -118,6 +163,9 @@ class FSDPStrategy(DistributedStrategy):
                 f"memory, but this run computes on {self.root_device}, where it already is; "
                 "set strategy.cpu_offload=false (or run on CUDA)."
             )
+        # Each rank built (and with randomness.diff_rank_seed, initialized) its own model;
+        # sharding it as is would splice rank 0's rows of one shard with rank 1's of another.
+        self.broadcast_module(model)
         to_shard = _modules_of_classes(
             model, self._shard_modules, "strategy.shard_modules", root=True
         )
@@ -297,8 +345,10 @@ class FSDPStrategy(DistributedStrategy):
             self._in_flight = (path, self._async_save.submit(shards, path, extra))
             return
         dcp.save(shards, checkpoint_id=path)
+        # Each rank hashes the shards it wrote; rank 0 records them all in the marker.
+        digests = self.all_gather_object(_rank_digests(path, self.rank, self.world_size))
         if self.is_main_process:
-            _finish_folder(path, rest)
+            _finish_folder(path, rest, digests)
         self.barrier()
 
     def _finish_async_save(self) -> None:
@@ -324,7 +374,8 @@ class FSDPStrategy(DistributedStrategy):
                 f"Checkpoint folder {path} is incomplete: it has no {COMPLETE_MARKER} marker, so "
                 "its save was interrupted. Use an earlier checkpoint from the same folder."
             )
-        return load_file(path / EXTRA_FILE)
+        self.verify_checkpoint(path)
+        return load_file(path / EXTRA_FILE, check=False)
 
     def _restore_states(
         self,
@@ -336,7 +387,7 @@ class FSDPStrategy(DistributedStrategy):
         optimizer: bool,
     ) -> None:
         """Load the model shards (then the optimizer's) into this run's sharding."""
-        saved = dcp.FileSystemReader(path).read_metadata()
+        saved = SafeReader(path).read_metadata()
         model = self._load_shards(path, {"model": self._model_target(saved)})["model"]
         super()._restore_states(
             {**checkpoint, "model": model},
@@ -375,8 +426,9 @@ class FSDPStrategy(DistributedStrategy):
 
     def _load_shards(self, path: Path, target: dict[str, Any]) -> dict[str, Any]:
         try:
-            dcp.load(target, checkpoint_id=path)
+            dcp.load(target, storage_reader=SafeReader(path))
         except dcp.CheckpointException as e:
+            _raise_refusal(e)
             raise CheckpointError(
                 f"Checkpoint {path} does not fit this run's {' and '.join(target)} "
                 f"({str(e).strip().splitlines()[-1]}); resume with the model and optimizer "
@@ -385,14 +437,25 @@ class FSDPStrategy(DistributedStrategy):
         return target
 
 
-def _finish_folder(path: Path, extra: dict[str, Any]) -> None:
+def _rank_digests(path: Path, rank: int, world_size: int) -> dict[str, dict[str, Any]]:
+    """Sizes and sha256 of the files ``rank`` wrote into a checkpoint folder (rank 0: the
+    rest too, but ``extra.pt``, whose digest it takes while writing it)."""
+    return file_digests(path, own_files(path, rank, world_size, _SHARD_WRITER, skip=(EXTRA_FILE,)))
+
+
+def _finish_folder(path: Path, extra: dict[str, Any], digests: Sequence[Mapping[str, Any]]) -> None:
     """Rank 0, once DCP's save returned: ``extra.pt``, then the marker that makes it count.
 
     DCP's save returns on rank 0 only once every rank's shards (each fsync'd) and the
     metadata are written, so the folder is complete now.
+
+    Args:
+        digests: Every rank's :func:`_rank_digests`.
     """
-    atomic_save(extra, path / EXTRA_FILE)
-    atomic_save({}, path / COMPLETE_MARKER)
+    sha256 = save_with_digest(extra, path / EXTRA_FILE)
+    files = {name: record for rank_files in digests for name, record in rank_files.items()}
+    files[EXTRA_FILE] = {"bytes": (path / EXTRA_FILE).stat().st_size, "sha256": sha256}
+    write_marker(path, files, kind="fsdp")
 
 
 class _AsyncSave:
@@ -410,6 +473,8 @@ class _AsyncSave:
         # FSDP's on the default group; sharing a group would interleave the two. gloo also
         # gives NCCL runs the CPU backend that async_save requires.
         self.group = dist.new_group(backend="gloo")
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
         # One stager for the whole run: it keeps its host copies and refills them on the next
         # save, where async_save's own stager would allocate (and page in) a fresh copy each time.
         self.stager = DefaultStager(
@@ -444,10 +509,28 @@ class _AsyncSave:
         done: Future[None] = Future()
 
         def finish(saved: Future[Any]) -> None:
+            # On DCP's thread: every rank hashes its shards there, off the training thread.
             try:
-                saved.result()
+                failed: BaseException | None = None
+                try:
+                    saved.result()
+                    digests = _rank_digests(path, self.rank, self.world_size)
+                except BaseException as e:
+                    failed, digests = e, None
+                # Every rank joins the gather, also one whose write failed, or the rest
+                # would wait for it.
+                gathered: list[Any] = [None] * self.world_size
+                dist.all_gather_object(gathered, digests, group=self.group)
+                if failed is not None:
+                    raise failed
                 if extra is not None:
-                    _finish_folder(path, extra)
+                    lost = [rank for rank, d in enumerate(gathered) if d is None]
+                    if lost:
+                        raise CheckpointError(
+                            f"Rank(s) {lost} failed to write their shards of {path}; it is left "
+                            "incomplete (the previous checkpoint stays the latest)."
+                        )
+                    _finish_folder(path, extra, gathered)
                     call_on_done(self.on_done, path)
             except BaseException as e:
                 done.set_exception(e)
@@ -466,12 +549,19 @@ class _AsyncSave:
             dist.destroy_process_group(self.group)
 
 
-def export_model_state(path: Path) -> dict[str, torch.Tensor]:
+def export_model_state(path: Path, *, check: bool = True) -> dict[str, torch.Tensor]:
     """The full model state dict of an FSDP checkpoint folder, as plain CPU tensors.
 
     Reads the shards in this one process, without a process group (so call it where none
     is initialised). Keys are the user's module names, as ``model.state_dict()`` has them.
-    DCP's ``.metadata`` is a pickle: export only checkpoints you trust.
+
+    Args:
+        path: A complete FSDP checkpoint folder.
+        check: Verify its files' checksums first.
+
+    Raises:
+        CheckpointError: The folder is incomplete, corrupt, or its pickles name globals
+            that DCP's metadata does not use.
     """
     path = Path(path)
     if not is_complete(path):
@@ -479,13 +569,110 @@ def export_model_state(path: Path) -> dict[str, torch.Tensor]:
             f"Checkpoint folder {path} is missing or incomplete (no {COMPLETE_MARKER} marker); "
             "export a complete checkpoint."
         )
+    if check:
+        verify(path)
+    reader = SafeReader(path)
+    reader.read_metadata()  # its refusal, before DCP would wrap it in its own exception
     with warnings.catch_warnings():
         # It warns that it assumes a single process, which is the point here.
         warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
-        state = _load_state_dict_from_keys({"model"}, checkpoint_id=path)
+        try:
+            state = _load_state_dict_from_keys({"model"}, storage_reader=reader)
+        except dcp.CheckpointException as e:
+            _raise_refusal(e)
+            raise CheckpointError(
+                f"Checkpoint {path} could not be read ({str(e).strip().splitlines()[-1]})."
+            ) from e
     if "model" not in state:
         raise CheckpointError(f"Checkpoint {path} has no model state; it was not written by xp.")
     return {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's ``FileSystemReader`` without its two ways to run a checkpoint's code.
+
+    DCP unpickles ``.metadata`` with ``pickle.load`` and the non-tensor entries of the
+    shards (optimizer param groups, counters) with ``torch.load(weights_only=False)``.
+    Here the metadata builds only DCP's own classes (the restricted unpickler of
+    :func:`~xp.checkpoint.restricted_load`), every non-tensor entry must first load with
+    ``torch.load(weights_only=True)``, and the metadata may name only files inside the
+    folder. Tensors DCP already loads with ``weights_only=True``.
+    """
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp.Metadata:
+        rank = kwargs.get("rank")
+        folder = Path(self.path)
+        file = folder / (".metadata" if rank is None else f"__{rank}.metadata")
+        try:
+            with open(file, "rb") as f:
+                metadata = restricted_load(f, _METADATA_GLOBALS)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(_refused(file, e)) from e
+        except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+            raise CheckpointError(
+                f"Checkpoint {folder} has an unreadable {file.name} ({type(e).__name__}: {e}); "
+                "use an earlier checkpoint."
+            ) from e
+        if not isinstance(metadata, dcp.Metadata):
+            raise CheckpointError(
+                f"Checkpoint {folder}: {file.name} holds a {type(metadata).__name__}, not DCP's "
+                "metadata; it was not written by xp."
+            )
+        for info in (metadata.storage_data or {}).values():
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+                raise CheckpointError(
+                    f"Checkpoint {folder}: {file.name} points at {name!r}, outside the folder; "
+                    "it is refused. Only load checkpoints you trust."
+                )
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = getattr(self, "load_id", None)
+        metadata.storage_meta = storage_meta
+        return metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> TorchFuture[None]:
+        return super().read_data(plan, cast(LoadPlanner, _VettedBytes(planner, Path(self.path))))
+
+
+class _VettedBytes:
+    """A load planner that lets only plain data through to ``planner.load_bytes``."""
+
+    def __init__(self, planner: LoadPlanner, folder: Path) -> None:
+        self._planner = planner
+        self._folder = folder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._planner, name)
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        data = value.read()
+        what = f"{self._folder} (entry {read_item.dest_index.fqn})"
+        try:
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(_refused(what, e)) from e
+        except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+            raise CheckpointError(
+                f"Checkpoint {what} is corrupt ({type(e).__name__}); use an earlier checkpoint."
+            ) from e
+        # DCP's planner unpickles without restriction: it gets bytes that passed above.
+        self._planner.load_bytes(read_item, io.BytesIO(data))
+
+
+def _refused(what: Path | str, error: Exception) -> str:
+    return (
+        f"Checkpoint {what} pickles objects other than DCP's metadata and plain data "
+        f"({unpickling_refusal(error)}), so it is refused: unpickling it could run code. Only "
+        "load checkpoints you trust."
+    )
+
+
+def _raise_refusal(error: dcp.CheckpointException) -> None:
+    """Raise the CheckpointError that DCP caught on some rank (a refusal), if any."""
+    for failure in error.failures.values():
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(cause, CheckpointError):
+            raise cause from error
 
 
 def _modules_of_classes(
