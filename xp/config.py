@@ -70,7 +70,7 @@ class ScheduleExtension(str, Enum):
     """They take the windows this length gives them, as if it had been the length from the
     start; the lr moves to where that schedule is (Hugging Face's Trainer does this)."""
     hold = "hold"
-    """They end where they ended; the lr holds at its last value (mmengine, Lightning)."""
+    """They end where they ended; the lr holds at its last value (mmengine, Composer)."""
 
 
 class Loss(str, Enum):
