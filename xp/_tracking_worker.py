@@ -7,18 +7,39 @@ SQLAlchemy's work (~160 us of Python per metric point) ever holds the training
 process's GIL. It imports neither torch nor omegaconf: only this module, ``xp.tracking``
 (standard library only) and mlflow.
 
-The pipes carry pickled tuples of plain values. From the tracker: ``("setup", dict)``
-first, then ``("metrics", [(key, value, timestamp_ms, step), ...], through_step)``,
-``("op", what, request)`` and finally ``("close", status)``. To the tracker: ``("ready",
-run_id)`` or ``("failed", message, detail)``, then ``("log", level, text)``,
-``("progress", done_points, written_through_step, written_ops)`` and ``("report",
-terminated, last_error)``.
+The protocol. The pipes carry pickled tuples of plain values.
 
-When the training process goes away without ``close`` (killed, or it crashed), the
-pipe closes (or the parent pid changes): the worker writes what it was handed, leaves
-the run RUNNING, so that it can be resumed, and exits. A writer holds a lock on its
-run while it lives; a writer that re-opens the run (resume, test=) takes that lock
-first, so it reads what is stored only once such a leftover writer has finished.
+From the tracker, in this order:
+
+- ``("setup", dict)``: the store, the run to create or re-open, its start time.
+- ``("metrics", [(key, value, timestamp_ms, step), ...], through_step)`` and
+  ``("op", what, request)``, as often as there is something to hand over.
+- ``("close", status, end_time_ms, patience_s)``: write the rest, giving up after
+  ``patience_s`` without progress, then end the run with ``status`` at ``end_time_ms``.
+
+To the tracker: ``("ready", run_id)`` or ``("failed", message, detail)``; then any of
+``("log", level, text)``, ``("store", up, reason)`` (the store stopped or started taking
+writes), ``("progress", done_points, written_through_step, written_ops, handled_ops,
+refused_points, overflow_points)``; last ``("report", terminated, last_error)``.
+
+When either side dies:
+
+- The training process goes away without ``close`` (killed, crashed): the pipe closes,
+  or the parent pid changes (a data loader worker may hold the pipe open). The worker
+  writes what it was handed, leaves the run RUNNING so that ``resume=`` continues it, and
+  exits: after at most a few seconds without progress, even in the middle of a request
+  to a store that does not answer.
+- The worker dies (killed): the tracker's pipe closes; it warns once, training goes on,
+  and its ``close()`` raises :class:`xp.tracking.TrackingIncomplete`.
+
+A worker holds a lock on its run while it lives (``xp-mlflow-writer-<run id>.lock`` in
+the temp directory, removed when it ends); a worker that re-opens the run (resume,
+test=) takes that lock first, so it reads what is stored only once a leftover worker of
+the same run has finished. Only a worker that is killed leaves its file behind; the next
+worker of that run removes it.
+
+No text leaves this process unredacted (:func:`xp.tracking.redact_secrets`): its
+messages, and what mlflow prints to its stderr.
 """
 
 from __future__ import annotations
@@ -28,6 +49,7 @@ import contextlib
 import logging
 import os
 import queue
+import signal
 import sys
 import tempfile
 import threading
@@ -36,7 +58,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from xp.tracking import (
     CHECKPOINT_LOCATION_TAG,
@@ -45,24 +67,30 @@ from xp.tracking import (
     MAX_PARAMS_TAGS_PER_BATCH,
     TrackingError,
     _first_line,
+    redact_secrets,
+    redact_uri,
 )
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 _ERROR_TAG_CHARS = 5000
-# How long the last writes are retried: after close(), or after the training process
-# went away.
+# How long the last writes are retried without progress once the training process went
+# away (close() says how long for itself).
 _FINAL_RETRY_S = 5.0
 _RETRY_PAUSE_S = 0.5
-# How often the writer looks whether its parent is still there while nothing arrives.
+# How often the writer looks whether its parent is still there.
 _POLL_S = 0.5
+# How long a writer whose training process is gone may take to create or re-open the run.
+_OPEN_PATIENCE_S = 30.0
 # How long a re-opening writer waits for a leftover writer of the same run to finish.
 _LOCK_WAIT_S = 120.0
 # MLflow error codes that the same request will meet again: dropping beats retrying.
 _PERMANENT_ERROR_CODES = frozenset(
     {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST"}
 )
+_Point = tuple[str, float, int, int]
+"""A metric point as it travels: key, value, timestamp in ms, step."""
 
 
 class _ParentLog:
@@ -72,7 +100,7 @@ class _ParentLog:
         self._send = send
 
     def log(self, level: int, msg: str, *args: Any) -> None:
-        text = msg % args if args else msg
+        text = redact_secrets(msg % args if args else msg)
         if not self._send("log", level, text):
             print(f"xp.tracking: {text}", file=sys.stderr, flush=True)
 
@@ -87,10 +115,17 @@ class _ParentLog:
 
 
 class _Writer:
-    """Opens the run, then writes metrics and ops in the order they arrive."""
+    """Opens the run, then writes metrics and ops in the order they arrive.
+
+    Two threads: the reader takes what the pipe brings into ``_unsent``/``_ops`` (under
+    ``_lock``; the oldest points go beyond ``max_buffered_points``) and wakes the main
+    thread, which writes. Control messages (close, gone) reach the main thread through
+    ``inbox`` after everything sent before them was taken.
+    """
 
     def __init__(self, setup: Mapping[str, Any], outbox: Connection, parent_pid: int) -> None:
         self.tracking_uri: str = setup["tracking_uri"]
+        self.shown_uri = redact_uri(self.tracking_uri)
         self.experiment_name: str = setup["experiment_name"]
         self.run_name: str = setup["run_name"]
         self.tags: dict[str, str] = setup["tags"]
@@ -99,26 +134,39 @@ class _Writer:
         self.reopen_id: str | None = setup["run_id"]
         self.system_metrics: bool = setup["system_metrics"]
         self.flush_interval_s: float = setup["flush_interval_s"]
+        self.start_time_ms: int | None = setup.get("start_time_ms")
+        self.max_buffered_points: int = setup.get("max_buffered_points", 1_000_000)
         self.parent_pid = parent_pid
         self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._outbox = outbox
         self._outbox_open = True
+        self._send_lock = threading.Lock()
         self.log = _ParentLog(self.send)
+        self.orphaned = threading.Event()
 
         self.run_id: str | None = None
-        self._unsent: list[Any] = []  # mlflow.entities.Metric
+        self._lock = threading.Lock()  # guards the five fields below (reader and main thread)
+        self._unsent: collections.deque[_Point] = collections.deque()
         self._ops: collections.deque[tuple[str, tuple[Any, ...]]] = collections.deque()
-        self._logged_until: dict[str, int] = {}
         self._received_through = -1
+        self._overflow_points = 0
+        self._first_overflow_step: int | None = None
+        self._overflow_warned = False
+
+        self._stored_steps: dict[str, set[int]] = {}  # a re-opened run's points in the store
         self._written_through = -1
         self._done_points = 0  # written, or already in the store (a resumed run's steps)
+        self._refused_points = 0
         self._written_ops = 0
+        self._handled_ops = 0
         self._store_down = False
         self._next_attempt = 0.0
         self._last_error: BaseException | None = None
         self._monitor: Any = None
-        self._reported: tuple[int, int, int] | None = None
-        self._lock: Any = None
+        self._reported: tuple[int, ...] | None = None
+        self.last_progress = time.monotonic()
+        self._run_lock: IO[str] | None = None
+        self._run_lock_path: Path | None = None
 
     # ------------------------------------------------------------------- messages
 
@@ -126,7 +174,8 @@ class _Writer:
         if not self._outbox_open:
             return False
         try:
-            self._outbox.send(message)
+            with self._send_lock:  # the reader thread warns too
+                self._outbox.send(message)
         except OSError:  # the training process is gone
             self._outbox_open = False
             return False
@@ -136,11 +185,47 @@ class _Writer:
         """The reader thread: keeps the pipe drained whatever the writer is doing."""
         try:
             while True:
-                self.inbox.put(inbox.recv())
+                message = inbox.recv()
+                kind = message[0]
+                if kind == "metrics":
+                    self._take_points(message[1], message[2])
+                elif kind == "op":
+                    with self._lock:
+                        self._ops.append((message[1], message[2]))
+                self.inbox.put(message if kind == "close" else ("data",))
         except (EOFError, OSError):
             pass
         finally:
             self.inbox.put(("gone",))
+
+    def _take_points(self, points: list[_Point], through: int) -> None:
+        with self._lock:
+            self._unsent.extend(points)
+            self._received_through = max(self._received_through, through)
+            self._drop_oldest()
+        self._warn_overflow()
+
+    def _drop_oldest(self) -> None:
+        """Keep at most ``max_buffered_points`` unsent points (call with ``_lock`` held)."""
+        excess = len(self._unsent) - self.max_buffered_points
+        for _ in range(excess):
+            step = self._unsent.popleft()[3]
+            if self._first_overflow_step is None or step < self._first_overflow_step:
+                self._first_overflow_step = step
+        self._overflow_points += max(excess, 0)
+
+    def _warn_overflow(self) -> None:
+        if self._overflow_points and not self._overflow_warned:
+            self._overflow_warned = True
+            self.log.warning(
+                "MLflow store %s has not taken metrics for so long that "
+                "tracking.max_buffered_points=%d points wait in memory; from now on the "
+                "oldest are dropped (the run's checkpoints keep them: `python -m xp "
+                "resume=%s` restores them).",
+                self.shown_uri,
+                self.max_buffered_points,
+                self.run_id or "<run id>",
+            )
 
     # ------------------------------------------------------------------- main loop
 
@@ -148,29 +233,30 @@ class _Writer:
         try:
             client = self._open_run()
         except Exception as exc:
-            self.send("failed", self._describe_failure(exc), traceback.format_exc())
+            self.send("failed", self._describe_failure(exc), redact_secrets(traceback.format_exc()))
             return 1
         self.send("ready", self.run_id)
+        terminated = False
         try:
-            status = self._serve(client)
-            drained = self._flush_until(time.monotonic() + _FINAL_RETRY_S, client)
-            self._stop_monitor()
-            if status is None:
-                return 0  # the run stays RUNNING: whoever resumes it finishes it
-            terminated = drained and bool(
-                self._attempt(f"status {status}", client.set_terminated, self.run_id, status)
-            )
+            close = self._serve(client)
+            if close is None:
+                # The training process is gone: the run stays RUNNING, for resume= to end.
+                self._flush_patiently(client, _FINAL_RETRY_S)
+                self._stop_monitor()
+                return 0
+            _, status, end_time_ms, patience_s = close
+            terminated = self._flush_patiently(client, patience_s, status, end_time_ms)
         except Exception:
             self.log.error(
                 "The MLflow writer failed; run %s:\n%s", self.run_id, traceback.format_exc()
             )
-            terminated = False
+        self._stop_monitor()
         self._report_progress()
         self.send("report", terminated, _first_line(self._last_error) if self._last_error else None)
         return 0
 
-    def _serve(self, client: MlflowClient) -> str | None:
-        """Write what arrives until close (its status) or until the training process is gone."""
+    def _serve(self, client: MlflowClient) -> tuple[Any, ...] | None:
+        """Write what arrives until close (returned) or until the training process is gone."""
         while True:
             try:
                 message: tuple[Any, ...] | None = self.inbox.get(timeout=_POLL_S)
@@ -180,10 +266,9 @@ class _Writer:
                 if message[0] == "gone":
                     return None
                 if message[0] == "close":
-                    return str(message[1])
-                self._take(message)
+                    return message
                 message = self._next()
-            if self._orphaned():
+            if self.orphaned.is_set():
                 return None
             if time.monotonic() >= self._next_attempt:
                 self._flush_once(client)
@@ -193,29 +278,6 @@ class _Writer:
             return self.inbox.get_nowait()
         except queue.Empty:
             return None
-
-    def _orphaned(self) -> bool:
-        # A forked child of the training process (a data loader worker) may hold the
-        # pipe open after the training process died; the parent pid tells.
-        return os.getppid() != self.parent_pid
-
-    def _take(self, message: tuple[Any, ...]) -> None:
-        from mlflow.entities import Metric
-
-        kind = message[0]
-        if kind == "metrics":
-            _, points, through = message
-            logged_until = self._logged_until
-            for key, value, timestamp, step in points:
-                # A resumed run recomputes the steps after its checkpoint; those already in
-                # the store are not written twice, so each metric's history stays continuous.
-                if step <= logged_until.get(key, -1):
-                    self._done_points += 1
-                    continue
-                self._unsent.append(Metric(key, value, timestamp, step))
-            self._received_through = max(self._received_through, through)
-        elif kind == "op":
-            self._ops.append((message[1], message[2]))
 
     def _stop_monitor(self) -> None:
         if self._monitor is not None:
@@ -232,11 +294,11 @@ class _Writer:
         _create_sqlite_store_atomically(self.tracking_uri)
         client = MlflowClient(self.tracking_uri)
         if self.reopen_id is not None:
-            self._lock = self._hold_run_lock(self.reopen_id)
+            self._hold_run_lock(self.reopen_id)
             run = client.get_run(self.reopen_id)
             if run.info.lifecycle_stage == "deleted":
                 raise TrackingError(
-                    f"run_id={self.reopen_id!r} is deleted in {self.tracking_uri}; HINT: "
+                    f"run_id={self.reopen_id!r} is deleted in {self.shown_uri}; HINT: "
                     f"restore it with `mlflow runs restore --run-id {self.reopen_id}`, "
                     "or start a new run."
                 )
@@ -244,15 +306,22 @@ class _Writer:
             client.update_run(run_id, status="RUNNING")
             _log_tags(client, run_id, self.tags)
             params = self._params_missing_from(run.data.params)
-            self._logged_until = {
-                key: max(m.step for m in client.get_metric_history(run_id, key))
+            # Points of a killed run's writer, or of an earlier outage that resume= now
+            # replays from a checkpoint: each (key, step) is written once.
+            self._stored_steps = {
+                key: {m.step for m in client.get_metric_history(run_id, key)}
                 for key in run.data.metrics
             }
         else:
             experiment_id = self._experiment_id(client)
-            run = client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
+            run = client.create_run(
+                experiment_id,
+                start_time=self.start_time_ms,
+                run_name=self.run_name,
+                tags=self.tags,
+            )
             run_id = run.info.run_id
-            self._lock = self._hold_run_lock(run_id)
+            self._hold_run_lock(run_id)
             params = self.params
         try:
             items = [Param(key, value) for key, value in params.items()]
@@ -268,38 +337,56 @@ class _Writer:
             self._start_monitor(run_id)
         return client
 
-    def _hold_run_lock(self, run_id: str) -> Any:
+    def _hold_run_lock(self, run_id: str) -> None:
         """Lock ``run_id`` for this writer's life (the OS frees it when the process ends).
 
         A writer of a killed training process may still be writing its last points when
         the run is resumed; reading the stored steps before it finished would let both
-        write the same steps.
+        write the same steps. The file is removed when the writer ends
+        (:meth:`release_run_lock`); a holder removes it while it holds it, so a waiter
+        that got the lock checks that its file is still the one on disk.
         """
         try:
             import fcntl
         except ImportError:  # not POSIX: no leftover writers to wait for
-            return None
-        handle = open(Path(tempfile.gettempdir()) / f"xp-mlflow-writer-{run_id}.lock", "a+")  # noqa: SIM115
+            return
+        path = Path(tempfile.gettempdir()) / f"xp-mlflow-writer-{run_id}.lock"
         deadline = time.monotonic() + _LOCK_WAIT_S
         told = False
         while True:
+            handle = open(path, "a+")  # noqa: SIM115  (held for the process's life)
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return handle
             except BlockingIOError:
+                handle.close()
                 if time.monotonic() > deadline:
                     self.log.warning(
                         "Run %s: its previous writer is still busy after %.0f s; writing anyway.",
                         run_id,
                         _LOCK_WAIT_S,
                     )
-                    return handle
+                    return
                 if not told:
                     self.log.info(
                         "Run %s: waiting for the writer of its killed process to finish.", run_id
                     )
                     told = True
                 time.sleep(0.1)
+                continue
+            if _same_file(handle, path):
+                self._run_lock, self._run_lock_path = handle, path
+                return
+            handle.close()  # its holder removed it meanwhile: lock the new one
+
+    def release_run_lock(self) -> None:
+        """Remove the run's lock file (while still holding it), then let it go."""
+        handle, path = self._run_lock, self._run_lock_path
+        self._run_lock = self._run_lock_path = None
+        if handle is None or path is None:
+            return
+        with contextlib.suppress(OSError):
+            path.unlink()
+        handle.close()
 
     def _experiment_id(self, client: MlflowClient) -> str:
         from mlflow.exceptions import MlflowException
@@ -320,7 +407,7 @@ class _Writer:
         if experiment.lifecycle_stage == "deleted":
             raise TrackingError(
                 f"experiment_name={self.experiment_name!r} names a deleted experiment in "
-                f"{self.tracking_uri}; HINT: restore it with `mlflow experiments restore "
+                f"{self.shown_uri}; HINT: restore it with `mlflow experiments restore "
                 f"--experiment-id {experiment.experiment_id}`, or pick another experiment_name."
             )
         return str(experiment.experiment_id)
@@ -360,62 +447,118 @@ class _Writer:
 
     def _describe_failure(self, exc: BaseException) -> str:
         if isinstance(exc, TrackingError):
-            return str(exc)
+            return redact_secrets(str(exc))
         if self.reopen_id is not None:
             return (
                 f"MLflow run_id={self.reopen_id!r} could not be re-opened in "
-                f"{self.tracking_uri}: {_first_line(exc)}. HINT: check the run id "
+                f"{self.shown_uri}: {_first_line(exc)}. HINT: check the run id "
                 "(`mlflow runs list --experiment-id ...`) and that the store is the one "
                 "the run was created in."
             )
         return (
             f"The MLflow run for experiment_name={self.experiment_name!r} could not be "
-            f"created in {self.tracking_uri}: {_first_line(exc)}. HINT: check "
+            f"created in {self.shown_uri}: {_first_line(exc)}. HINT: check "
             "tracking.tracking_uri (or $MLFLOW_TRACKING_URI), or unset both to use the "
             "local SQLite store under outputs/."
         )
 
     # ------------------------------------------------------------------- writing
 
-    def _flush_until(self, deadline: float, client: MlflowClient) -> bool:
+    def _flush_patiently(
+        self,
+        client: MlflowClient,
+        patience_s: float,
+        status: str | None = None,
+        end_time_ms: int | None = None,
+    ) -> bool:
+        """Write everything (and end the run with ``status``), giving up once the store has
+        taken nothing for ``patience_s``. True when all of it is done."""
+        since = time.monotonic()
         while True:
-            # Whatever arrived before close (or before the pipe closed) is written too.
-            while (message := self._next()) is not None:
-                if message[0] not in ("gone", "close"):
-                    self._take(message)
+            before = self._progress_state()
             if self._flush_once(client):
-                return True
-            if time.monotonic() + _RETRY_PAUSE_S >= deadline:
+                if status is None:
+                    return True
+                outcome = self._attempt(
+                    f"status {status}",
+                    client.set_terminated,
+                    self.run_id,
+                    status,
+                    end_time=end_time_ms,
+                )
+                if outcome is not None:
+                    return outcome
+            if self._progress_state() != before:
+                since = time.monotonic()
+            if time.monotonic() - since + _RETRY_PAUSE_S >= patience_s:
                 return False
             time.sleep(_RETRY_PAUSE_S)
 
     def _flush_once(self, client: MlflowClient) -> bool:
         """Write what was handed over; True when nothing is left (False: the store is down)."""
+        from mlflow.entities import Metric
+
         run_id = self.run_id
         assert run_id is not None
         try:
-            while self._unsent:
-                chunk = self._unsent[:MAX_METRICS_PER_BATCH]
-                outcome = self._attempt("metrics", client.log_batch, run_id, metrics=chunk)
+            while True:
+                chunk, skipped = self._next_chunk()
+                self._done_points += skipped
+                if not chunk:
+                    break
+                metrics = [Metric(key, value, ts, step) for key, value, ts, step in chunk]
+                outcome = self._attempt("metrics", client.log_batch, run_id, metrics=metrics)
                 if outcome is None:
+                    with self._lock:
+                        self._unsent.extendleft(reversed(chunk))
+                        self._drop_oldest()
+                    self._warn_overflow()
                     return False
                 if outcome:
                     self._done_points += len(chunk)
-                del self._unsent[: len(chunk)]
+                else:
+                    self._refused_points += len(chunk)
                 self._report_progress()
-            self._written_through = self._received_through
-            while self._ops:
-                what, request = self._ops[0]
+            while True:
+                with self._lock:
+                    if not self._ops:
+                        break
+                    what, request = self._ops[0]
                 outcome = self._attempt(what, _apply, client, run_id, request, self.log)
                 if outcome is None:
                     return False
-                if outcome:
-                    self._written_ops += 1
-                self._ops.popleft()
+                self._written_ops += bool(outcome)
+                self._handled_ops += 1
+                with self._lock:
+                    self._ops.popleft()
                 self._report_progress()
             return True
         finally:
             self._report_progress()
+
+    def _next_chunk(self) -> tuple[list[_Point], int]:
+        """Up to one batch of unsent points, and how many were skipped (already stored).
+
+        Once nothing is left, every point received so far is written: the written-through
+        step moves up to what was received (never past a point dropped for the buffer's
+        bound, so the training's checkpoints keep those)."""
+        chunk: list[_Point] = []
+        skipped = 0
+        stored = self._stored_steps
+        with self._lock:
+            unsent = self._unsent
+            while unsent and len(chunk) < MAX_METRICS_PER_BATCH:
+                point = unsent.popleft()
+                if stored and point[3] in stored.get(point[0], ()):
+                    skipped += 1
+                else:
+                    chunk.append(point)
+            if not chunk:
+                through = self._received_through
+                if self._first_overflow_step is not None:
+                    through = min(through, self._first_overflow_step - 1)
+                self._written_through = max(self._written_through, through)
+        return chunk, skipped
 
     def _attempt(
         self, what: str, write: Callable[..., Any], *args: Any, **kwargs: Any
@@ -427,30 +570,37 @@ class _Writer:
             self._last_error = exc
             if _is_permanent(exc):
                 self.log.error(
-                    "MLflow run %s refused %s, which is dropped: %s", self.run_id, what, exc
+                    "MLflow run %s refused %s, which is dropped: %s",
+                    self.run_id,
+                    what,
+                    _first_line(exc),
                 )
                 return False
             self._next_attempt = time.monotonic() + self.flush_interval_s
             if not self._store_down:
                 self._store_down = True
-                self.log.warning(
-                    "MLflow store %s did not take %s (%s); xp keeps everything queued and "
-                    "retries every %g s.",
-                    self.tracking_uri,
-                    what,
-                    _first_line(exc),
-                    self.flush_interval_s,
-                )
+                self.send("store", False, f"did not take {what} ({_first_line(exc)})")
             return None
         if self._store_down:
             self._store_down = False
-            self.log.info("MLflow store %s takes writes again.", self.tracking_uri)
+            self.send("store", True, "")
         return True
 
+    def _progress_state(self) -> tuple[int, ...]:
+        return (
+            self._done_points,
+            self._written_through,
+            self._written_ops,
+            self._handled_ops,
+            self._refused_points,
+            self._overflow_points,
+        )
+
     def _report_progress(self) -> None:
-        state = (self._done_points, self._written_through, self._written_ops)
+        state = self._progress_state()
         if state != self._reported:
             self._reported = state
+            self.last_progress = time.monotonic()
             self.send("progress", *state)
 
 
@@ -560,6 +710,59 @@ def _take_environ(environ: Mapping[str, str]) -> None:
     os.environ.update(environ)
 
 
+class _RedactingStream:
+    """A text stream that forwards what is written with secrets redacted (mlflow's own
+    warnings and tracebacks may quote the tracking URI, credentials included)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact_secrets(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _watch_parent(writer: _Writer) -> None:
+    """A thread: once the training process is gone, the writer has a few seconds without
+    progress to finish (it writes what it was handed); then this ends the process, even
+    in the middle of a request to a store that does not answer. The run stays RUNNING."""
+    while os.getppid() == writer.parent_pid:
+        time.sleep(_POLL_S)
+    writer.orphaned.set()
+    writer.inbox.put(("gone",))
+    gone_at = time.monotonic()
+    while True:
+        time.sleep(_POLL_S)
+        # Creating the run may wait for a leftover writer of the same run (itself bounded
+        # by this rule), so it gets longer.
+        patience_s = _FINAL_RETRY_S + _POLL_S if writer.run_id is not None else _OPEN_PATIENCE_S
+        if time.monotonic() - max(gone_at, writer.last_progress) > patience_s:
+            break
+    writer.release_run_lock()
+    _leave(0)
+
+
+def _leave(code: int) -> None:
+    """Exit without the interpreter's teardown of mlflow and SQLAlchemy (half a second),
+    which the training process would wait for."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def _same_file(handle: IO[str], path: Path) -> bool:
+    try:
+        on_disk = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve one tracker: ``READ_FD WRITE_FD PARENT_PID [--early] [--after-fd=FD]``.
 
@@ -567,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
     imports mlflow while it waits for the run's setup. ``--after-fd``: first waits for FD
     to read end-of-file.
     """
+    sys.stdout = _RedactingStream(sys.stdout)
+    sys.stderr = _RedactingStream(sys.stderr)
     args = list(argv or sys.argv[1:])
     early = "--early" in args
     after = [int(a.split("=", 1)[1]) for a in args if a.startswith("--after-fd=")]
@@ -597,12 +802,22 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(
         target=writer.read, args=(inbox,), name="xp-tracking-reader", daemon=True
     ).start()
-    code = writer.run()
-    # Everything is written and reported: leave without the interpreter's teardown of
-    # mlflow and SQLAlchemy (half a second), which the training process would wait for.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    threading.Thread(
+        target=_watch_parent, args=(writer,), name="xp-tracking-watchdog", daemon=True
+    ).start()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        # The tracker's close() gave up on a store that does not answer: leave no lock file.
+        writer.release_run_lock()
+        _leave(1)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        code = writer.run()
+    finally:
+        writer.release_run_lock()
+    _leave(code)
+    return code
 
 
 if __name__ == "__main__":

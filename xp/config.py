@@ -559,6 +559,16 @@ class TrackingConfig:
     """MLflow's own system metrics (CPU, memory, GPU where present)."""
     flush_interval_s: float = 2.0
     """How often buffered metrics are written, in the background."""
+    close_timeout_s: float = 120.0
+    """At the end of a run, how long to wait for a store that takes no writes (a server
+    that is down or does not answer) before giving up: the process then exits non-zero
+    with the run RUNNING in MLflow and says what is missing; ``python -m xp resume=<run
+    id>`` completes it from the last checkpoint. A single upload (a large checkpoint)
+    must also finish within this time: raise it for slow links."""
+    max_buffered_points: int = 1_000_000
+    """Metric points kept in memory (about 170 bytes each, in the MLflow writer process)
+    while the store does not take them; beyond this the oldest are dropped and counted
+    (the checkpoints keep them, and ``resume=`` restores them)."""
 
 
 @dataclass

@@ -7,10 +7,17 @@ every ``tracking.flush_interval_s`` a small sender thread here converts the queu
 metrics to plain numbers and hands them over through a pipe, with tags and artifacts in
 the order they were asked for. MLflow's Python work (~160 us per metric point into
 SQLite) thus never holds the training process's GIL. A store that stops answering
-mid-run costs nothing but a warning: the writer keeps the data and retries, and
-``close()`` reports what could not be written in the end. If the training process dies,
-the writer writes what it was handed, leaves the run RUNNING (so it can be resumed) and
-exits.
+mid-run costs nothing but one warning: the writer keeps the data (up to
+``tracking.max_buffered_points``) and retries, and ``close()`` waits at most
+``tracking.close_timeout_s`` for a store that takes nothing, then raises
+:class:`TrackingIncomplete`, naming what is missing. A writer that dies mid-run (killed)
+is noticed the same way: training goes on, one warning, and ``close()`` raises. If the
+training process dies, the writer writes what it was handed, leaves the run RUNNING (so
+it can be resumed) and exits within seconds.
+
+No URI password or secret reaches text here: every message, tag and param goes through
+:func:`redact_secrets` (:func:`redact_uri` for URIs, :func:`is_secret_name` for the
+environment).
 
 This module imports neither torch nor mlflow (``xp.config`` only for type checking, which
 keeps omegaconf out too); the writer process is the only one that imports mlflow.
@@ -24,6 +31,7 @@ import logging
 import os
 import posixpath
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -41,9 +49,14 @@ if TYPE_CHECKING:
 __all__ = [
     "MlflowTracker",
     "TrackingError",
+    "TrackingIncomplete",
     "default_artifact_location",
     "default_tracking_uri",
     "flatten_params",
+    "is_secret_name",
+    "redact_environ",
+    "redact_secrets",
+    "redact_uri",
 ]
 
 # MLflow's limits (mlflow.utils.validation), copied because importing mlflow to read
@@ -60,11 +73,13 @@ _TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 _HEALTH_TIMEOUT_S = 5.0
 _RETRY_PAUSE_S = 0.5
-# close() stops waiting for a writer that made no progress for this long (a server that
-# accepts connections but never answers), and kills it; long, because one upload of a
-# large checkpoint makes no visible progress either.
-_CLOSE_STALL_S = 300.0
-_CLOSE_NOTICE_S = 30.0
+# The writer itself gives up after tracking.close_timeout_s without progress; close()
+# kills it this much later (it is stuck in a request to a store that never answers).
+_CLOSE_GRACE_S = 5.0
+_CLOSE_NOTICE_S = 10.0
+# Points handed over but not written for this long: the store does not answer (a dead
+# server fails fast and the writer says so; a hung one only stops taking writes).
+_STALL_WARN_S = 30.0
 # A pipe message holds at most this many metric points, so no pickle grows without bound.
 _POINTS_PER_MESSAGE = 20_000
 # xp retries a failed write itself on every flush, so MLflow's own per-request backoff
@@ -82,6 +97,132 @@ _BAD_PARAM_KEY_CHARS = re.compile(r"[^\w.\- :]")
 
 class TrackingError(RuntimeError):
     """The MLflow store cannot be reached, or the run cannot be created there."""
+
+
+class TrackingIncomplete(TrackingError):
+    """``close()`` could not record everything: the run in the store lacks what it names.
+
+    Raised after the run's training is over (its checkpoints are saved): the process
+    should exit non-zero. ``python -m xp resume=<run id>``, once the store answers again,
+    replays the missing metric points from the run's last checkpoint and uploads its
+    files again.
+
+    Attributes:
+        run_id: The MLflow run (None if it was never created).
+        missing_points: Metric points that are not in the store.
+        missing_writes: What else is missing, e.g. ``["tags ['xp.best_step']",
+            "artifact /runs/x/config.yaml"]``.
+        status_recorded: Whether the run's end status reached the store (if not, the run
+            still shows RUNNING there).
+        first_missing_step: Every point below this step is in the store.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_id: str | None,
+        missing_points: int,
+        missing_writes: list[str],
+        status_recorded: bool,
+        first_missing_step: int,
+    ) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.missing_points = missing_points
+        self.missing_writes = missing_writes
+        self.status_recorded = status_recorded
+        self.first_missing_step = first_missing_step
+
+
+# --------------------------------------------------------------------------- secrets
+
+_SECRET_WORDS = ("PASSWORD", "PASSWD", "TOKEN", "SECRET", "KEY")
+_REDACTED = "***"
+# A URL's scheme and authority ("scheme://user:password@host:port"), and what follows up
+# to whitespace or a quote. An unencoded "@" in a password: the last "@" ends the userinfo.
+_URL = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<rest>[^\s'\"<>`]*)")
+_QUERY_ITEM = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&#;]+)=(?P<value>[^&#;]*)")
+# Secret environment values shorter than this are not scrubbed from text ("1", "yes").
+_MIN_SECRET_CHARS = 4
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable (or a URL query parameter) named ``name`` holds a
+    secret: its name contains PASSWORD, PASSWD, TOKEN, SECRET or KEY (any case)."""
+    upper = name.upper()
+    return any(word in upper for word in _SECRET_WORDS)
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***``.
+
+    ``http://user:pass@host`` becomes ``http://user:***@host``; a userinfo without a
+    password (``https://token@host``) becomes ``***``; query parameters with a secret name
+    (``?password=...``, ``?access_token=...``) keep their name only. Idempotent; text
+    without URLs comes back unchanged.
+    """
+    if "://" not in text:
+        return text
+    return _URL.sub(_redact_url, text)
+
+
+def _redact_url(match: re.Match[str]) -> str:
+    rest = match["rest"]
+    stops = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i != -1]
+    end = min(stops, default=len(rest))
+    at = rest.rfind("@", 0, end)
+    if at == -1:
+        # A password with an unencoded "/", "?" or "#" ends the authority early
+        # ("user:pa/ss@host"): a colon not followed by a port, then an "@" further on.
+        user, colon, after = rest[:end].partition(":")
+        later = rest.find("@", end)
+        if colon and not after.isdigit() and later != -1 and not any(c.isspace() for c in user):
+            at = later
+    if at != -1:
+        userinfo, host_and_tail = rest[:at], rest[at + 1 :]
+        if userinfo != _REDACTED:
+            user, colon, _ = userinfo.partition(":")
+            userinfo = f"{user}:{_REDACTED}" if colon and user != _REDACTED else _REDACTED
+        rest = f"{userinfo}@{host_and_tail}"
+    if "=" in rest:
+        rest = _QUERY_ITEM.sub(_redact_query_item, rest)
+    return f"{match['scheme']}{rest}"
+
+
+def _redact_query_item(match: re.Match[str]) -> str:
+    if not is_secret_name(match["name"]):
+        return match.group(0)
+    return f"{match['sep']}{match['name']}={_REDACTED}"
+
+
+def redact_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """A copy of ``environ`` fit to record: secret-named values become ``***``
+    (:func:`is_secret_name`), and URLs in the others lose their credentials."""
+    return {
+        name: _REDACTED if is_secret_name(name) else redact_uri(value)
+        for name, value in environ.items()
+    }
+
+
+def redact_secrets(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """``text`` fit to print or record: :func:`redact_uri`, and the value of every
+    secret-named variable of ``environ`` (default: ``os.environ``) replaced by ``***``.
+
+    Use it on anything that may hold a URI or a value taken from the environment (an
+    error, a resolved config, a command line).
+    """
+    text = redact_uri(text)
+    env = os.environ if environ is None else environ
+    secrets = sorted(
+        {v for k, v in env.items() if len(v) >= _MIN_SECRET_CHARS and is_secret_name(k)},
+        key=len,
+        reverse=True,
+    )
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, _REDACTED)
+    return text
 
 
 # --------------------------------------------------------------------------- defaults
@@ -123,9 +264,10 @@ def flatten_params(config: Mapping[str, Any]) -> dict[str, str]:
 
     Lists of scalars stay one value (``model.hidden_sizes: "[128, 128]"``); lists that
     hold mappings or lists get index keys (``a.0.b``). Enum members become their value,
-    None becomes ``"None"`` and an empty mapping ``"{}"``. Values longer than MLflow's
-    limit, and keys longer than its key limit, are shortened with a trailing ``...``;
-    characters MLflow rejects in a key become ``_``. Never raises for a value.
+    None becomes ``"None"`` and an empty mapping ``"{}"``. URLs lose their credentials
+    (:func:`redact_uri`). Values longer than MLflow's limit, and keys longer than its key
+    limit, are shortened with a trailing ``...``; characters MLflow rejects in a key
+    become ``_``. Never raises for a value.
 
     Args:
         config: A plain nested mapping, e.g. ``OmegaConf.to_container(cfg, resolve=True)``.
@@ -151,7 +293,7 @@ def _flatten(node: Any, key: str, out: dict[str, str]) -> None:
         for index, item in enumerate(node):
             _flatten(item, f"{key}.{index}", out)
     else:
-        out[_param_key(key)] = _shorten(_render(node), MAX_PARAM_VAL_LENGTH)
+        out[_param_key(key)] = _shorten(redact_uri(_render(node)), MAX_PARAM_VAL_LENGTH)
 
 
 def _plain(value: Any) -> Any:
@@ -294,6 +436,9 @@ class MlflowTracker:
     a background thread: pass tensors that are not modified in place afterwards
     (``loss.detach()`` is fine, an accumulator updated with ``+=`` is not).
 
+    Tags, params and errors are recorded through :func:`redact_secrets`: no URI password
+    and no value of a secret-named environment variable reaches the store.
+
     Args:
         settings: The ``tracking`` config group.
         tracking_uri: The store, e.g. from :func:`default_tracking_uri`.
@@ -306,6 +451,10 @@ class MlflowTracker:
             :func:`default_artifact_location`; ignored for an existing experiment.
         run_id: Re-open this run (status back to RUNNING) instead of creating one.
         logger: Where warnings go, the writer's included; defaults to ``xp.tracking``.
+        start_time_ms: When the run started (Unix time in ms), recorded as the new run's
+            start time; defaults to now. The writer creates the run a second or more
+            later, so pass the time the training process started. A re-opened run keeps
+            its own start time.
     """
 
     def __init__(
@@ -320,15 +469,18 @@ class MlflowTracker:
         artifact_location: str | None = None,
         run_id: str | None = None,
         logger: logging.Logger | None = None,
+        start_time_ms: int | None = None,
     ) -> None:
+        _check_settings(settings)
         self.settings = settings
         self.tracking_uri = tracking_uri
+        self.shown_uri = redact_uri(tracking_uri)
+        """The store's URI as it may be printed: without a password."""
         self.experiment_name = experiment_name
         self.run_name = run_name
-        self._tags = {str(k): _shorten(str(v), MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
-        self._params = {
-            str(k): _shorten(str(v), MAX_PARAM_VAL_LENGTH) for k, v in (params or {}).items()
-        }
+        self.start_time_ms = int(time.time() * 1000) if start_time_ms is None else start_time_ms
+        self._tags = _recordable(tags or {}, MAX_TAG_VAL_LENGTH)
+        self._params = _recordable(params or {}, MAX_PARAM_VAL_LENGTH)
         self._artifact_location = artifact_location
         self._reopen_id = run_id
         self._log = logger or logging.getLogger(__name__)
@@ -348,7 +500,7 @@ class MlflowTracker:
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._closed = False
-        self._final_status = "FINISHED"
+        self._close_request: tuple[Any, ...] = ("close", "FINISHED", 0, 0.0)
         self._run_id: str | None = None
         self._failure: BaseException | None = None
         self._failure_message = ""
@@ -360,19 +512,28 @@ class MlflowTracker:
         self._bad_keys: set[str] = set()
         self._handed_through = -1
         self._sent_points = 0
-        self._sent_ops = 0
-        self._dropped_points = 0  # refused here (bad key or value), or the writer was gone
-        self._dropped_ops = 0
+        self._sent_ops: list[str] = []  # what each op sent says, in order
+        self._refused_points = 0  # a bad key or value: never written, said at the time
+        self._lost_points = 0  # the writer was gone
+        self._lost_ops: list[str] = []
         self._writer_gone = False
+        self._busy_since = time.monotonic()
 
         # Owned by the receiver thread: what the writer process says.
         self.written_through_step = -1
         """Every metric point up to this step is in the store (read by the training thread)."""
-        self._done_points = 0
+        self._done_points = 0  # written, or already in the store
+        self._writer_refused_points = 0
+        self._overflow_points = 0  # dropped beyond tracking.max_buffered_points
         self._written_ops = 0
+        self._handled_ops = 0  # written, or refused by the store
         self._terminated = False
         self._last_error: str | None = None
         self._last_progress = time.monotonic()
+        self._store_down = False  # warned about, until the writer reports it back
+        self._writer_died = False
+        self._gave_up = False
+        self._result: TrackingIncomplete | None = None
         self._report: tuple[int, int] | None = None  # (metric points, other writes) unwritten
 
     # ------------------------------------------------------------------- public
@@ -416,7 +577,7 @@ class MlflowTracker:
             raise RuntimeError("MlflowTracker.wait_ready() needs start() first.")
         if not self._ready.wait(timeout):
             raise TrackingError(
-                f"The MLflow run in {self.tracking_uri} was not ready after {timeout:g} s. "
+                f"The MLflow run in {self.shown_uri} was not ready after {timeout:g} s. "
                 "HINT: a busy or slow store can take longer; wait longer or check the store."
             )
         self._raise_if_failed()
@@ -430,10 +591,16 @@ class MlflowTracker:
 
     @property
     def unwritten_metrics(self) -> int:
-        """Metric points that did not reach the store (final after ``close()``)."""
+        """Metric points that did not reach the store, refused ones included (final after
+        ``close()``)."""
         if self._report is not None:
             return self._report[0]
         return self._count_unwritten()[0]
+
+    @property
+    def incomplete(self) -> TrackingIncomplete | None:
+        """After ``close()``: what the store lacks (what close() raised), or None."""
+        return self._result
 
     def log_metrics(self, metrics: Mapping[str, SupportsFloat], step: int) -> None:
         """Queue metric values for ``step``; costs a microsecond.
@@ -456,10 +623,13 @@ class MlflowTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Queue tags for the run (values longer than MLflow's limit are shortened).
 
+        Handed to the writer at once, not at the next flush: tags set right after
+        ``start()`` reach the store even if this process is killed a moment later.
+
         Raises:
             TrackingError: the run could not be created.
         """
-        from_caller = {str(k): _shorten(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
+        from_caller = _recordable(tags, MAX_TAG_VAL_LENGTH)
         self._enqueue(_Op(f"tags {sorted(from_caller)}", ("tags", from_caller)), "set_tags")
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
@@ -509,10 +679,10 @@ class MlflowTracker:
     def close(self, status: str = "FINISHED", error: str | None = None) -> None:
         """Write everything queued, record ``error``, end the run with ``status``.
 
-        Waits for the writer process to finish and exit. Idempotent; before ``start()``
-        it only marks the tracker closed. Writes that fail are retried for a few
-        seconds; what still could not be written is reported as a warning (and in
-        :attr:`unwritten_metrics`), never raised.
+        Waits for the writer process to write and exit; while the store takes nothing
+        (down, or not answering), at most ``tracking.close_timeout_s``. The run's end
+        time is the time of this call. Idempotent; before ``start()`` it only marks the
+        tracker closed.
 
         Args:
             status: FINISHED, FAILED or KILLED.
@@ -521,6 +691,10 @@ class MlflowTracker:
 
         Raises:
             ValueError: ``status`` is not one of the three.
+            TrackingIncomplete: the store lacks metric points, tags or artifacts, or the
+                run's status (the store did not answer, or the writer process died);
+                the message says what and how to complete the run. Points and writes the
+                store refused for good (a bad key, said when it happened) do not count.
             TrackingError: the run could not be created, and no earlier call said so.
         """
         if status not in _TERMINAL_STATUSES:
@@ -531,13 +705,16 @@ class MlflowTracker:
         if self._closed:
             return
         self._closed = True
+        end_time_ms = int(time.time() * 1000)
         process, receiver, sender = self._process, self._receiver, self._sender
         if process is None or receiver is None or sender is None:
             return
         if error is not None:
+            error = redact_secrets(error)
             self._ops.append(_Op("error tag", ("error", error)))
             self._ops.append(_Op("error.txt", ("error_text", error)))
-        self._final_status = status
+        patience_s = float(self.settings.close_timeout_s)
+        self._close_request = ("close", status, end_time_ms, patience_s)
         self._last_progress = time.monotonic()
         self._closing.set()
         self._wake.set()
@@ -548,15 +725,17 @@ class MlflowTracker:
             idle_s = time.monotonic() - self._last_progress
             if idle_s > _CLOSE_NOTICE_S and not noticed:
                 noticed = True
-                self._log.info("Still writing run %s to %s...", self._run_id, self.tracking_uri)
-            if idle_s > _CLOSE_STALL_S:
-                self._log.warning(
-                    "MLflow store %s made no progress for %.0f s; giving up on the rest of run %s.",
-                    self.tracking_uri,
-                    _CLOSE_STALL_S,
+                self._log.info(
+                    "Still writing run %s to %s (tracking.close_timeout_s=%g)...",
                     self._run_id,
+                    self.shown_uri,
+                    patience_s,
                 )
-                process.kill()
+            if idle_s > patience_s + _CLOSE_GRACE_S:
+                # The writer gives up by itself after close_timeout_s: this one is stuck
+                # in a request to a store that never answers.
+                self._gave_up = True
+                _stop(process)
                 break
         code = process.wait()
         receiver.join()
@@ -566,9 +745,11 @@ class MlflowTracker:
                 self._raise_if_failed()
             return
         if code != 0 and self._last_error is None:
-            self._last_error = f"the MLflow writer process exited with code {code}"
+            self._last_error = f"the MLflow writer process exited with {_exit_text(code)}"
         self._report = self._count_unwritten()
-        self._report_unwritten()
+        self._result = self._incomplete(status)
+        if self._result is not None:
+            raise self._result
 
     # ------------------------------------------------------------------- training side
 
@@ -579,6 +760,7 @@ class MlflowTracker:
             self._warn_after_close(method)
             return
         self._ops.append(op)
+        self._wake.set()  # handed over now: a kill -9 a moment later must not lose it
 
     def _raise_if_failed(self) -> None:
         if self._failure is None:
@@ -594,33 +776,78 @@ class MlflowTracker:
                 method,
             )
 
-    def _count_unwritten(self) -> tuple[int, int]:
+    def _missing(self) -> tuple[int, list[str]]:
+        """Metric points and other writes not in the store that a store that answers would
+        have taken (refused ones are not counted)."""
         # list() copies the deques in one step under the GIL, safe beside the sender.
         queued = sum(len(metrics) for _, _, metrics in list(self._metrics))
-        points = queued + self._dropped_points + self._sent_points - self._done_points
-        others = len(self._ops) + self._dropped_ops + self._sent_ops - self._written_ops
-        return points, others
+        pending = self._sent_points - self._done_points - self._writer_refused_points
+        points = queued + self._lost_points + pending
+        writes = [*self._sent_ops[self._handled_ops :], *self._lost_ops]
+        writes += [op.what for op in list(self._ops)]
+        return points, writes
 
-    def _report_unwritten(self) -> None:
-        assert self._report is not None
-        points, others = self._report
-        if not points and not others and self._terminated:
-            return
-        cause = f" (last error: {self._last_error})" if self._last_error else ""
-        status = (
-            ""
-            if self._terminated
-            else f"; the run still shows RUNNING there, not {self._final_status}"
+    def _count_unwritten(self) -> tuple[int, int]:
+        points, writes = self._missing()
+        refused_ops = self._handled_ops - self._written_ops
+        return (
+            points + self._refused_points + self._writer_refused_points,
+            len(writes) + refused_ops,
         )
-        self._log.warning(
-            "MLflow run %s in %s: %d metric points and %d tag/artifact writes could not be "
-            "written%s%s.",
-            self._run_id,
-            self.tracking_uri,
-            points,
-            others,
-            cause,
-            status,
+
+    def _incomplete(self, status: str) -> TrackingIncomplete | None:
+        points, writes = self._missing()
+        if not points and not writes and self._terminated:
+            return None
+        first_missing = self.written_through_step + 1
+        what = []
+        if points:
+            what.append(f"{points} metric points (from step {first_missing} on)")
+        if writes:
+            shown = ", ".join(writes[:5]) + (
+                f" and {len(writes) - 5} more" if len(writes) > 5 else ""
+            )
+            what.append(f"{len(writes)} other writes ({shown})")
+        missing = " and ".join(what) + " are missing there" if what else "every write is there"
+        state = (
+            f"the run ended {status}"
+            if self._terminated
+            else f"the run still shows RUNNING there, not {status}"
+        )
+        causes = []
+        if self._writer_died:
+            causes.append(f"the MLflow writer process died mid-run ({self._last_error})")
+        if self._overflow_points:
+            causes.append(
+                f"{self._overflow_points} points were dropped while the store was down, "
+                f"beyond tracking.max_buffered_points={self.settings.max_buffered_points}"
+            )
+        if not self._writer_died and (
+            not self._terminated or writes or points > self._overflow_points
+        ):
+            waited = (
+                f"the store took nothing for tracking.close_timeout_s="
+                f"{self.settings.close_timeout_s:g} s"
+            )
+            if self._last_error and not self._gave_up:
+                waited += f"; last error: {self._last_error}"
+            causes.append(waited)
+        cause = "; ".join(causes)
+        run = self._run_id or "(not created)"
+        message = redact_secrets(
+            f"MLflow run {run} in {self.shown_uri} is incomplete: {missing}, and {state} "
+            f"({cause}). HINT: run `python -m xp resume={run}` once the store answers again: "
+            "it replays the missing metric points from the run's last checkpoint, uploads "
+            "its files again and records its end; raise tracking.close_timeout_s to wait "
+            "longer for a slow store."
+        )
+        return TrackingIncomplete(
+            message,
+            run_id=self._run_id,
+            missing_points=points,
+            missing_writes=writes,
+            status_recorded=self._terminated,
+            first_missing_step=first_missing,
         )
 
     # ------------------------------------------------------------------- background side
@@ -644,6 +871,8 @@ class MlflowTracker:
             "run_id": self._reopen_id,
             "system_metrics": bool(self.settings.system_metrics),
             "flush_interval_s": float(self.settings.flush_interval_s),
+            "start_time_ms": self.start_time_ms,
+            "max_buffered_points": int(self.settings.max_buffered_points),
         }
 
     def _send(self, message: tuple[Any, ...]) -> bool:
@@ -664,8 +893,9 @@ class MlflowTracker:
                 closing = self._closing.is_set()
                 self._hand_over()
                 if closing:
-                    self._send(("close", self._final_status))
+                    self._send(self._close_request)
                     return
+                self._watch_for_stall()
                 self._wake.wait(self.settings.flush_interval_s)
                 self._wake.clear()
         except Exception:
@@ -673,6 +903,26 @@ class MlflowTracker:
         finally:
             assert self._to_writer is not None
             self._to_writer.close()  # the writer's signal that no more will come
+
+    def _outstanding(self) -> bool:
+        points = self._sent_points - self._done_points - self._writer_refused_points
+        return points > 0 or len(self._sent_ops) > self._handled_ops
+
+    def _watch_for_stall(self) -> None:
+        """Warn once when handed-over writes wait long: a store that stopped answering
+        (a dead one fails fast, and the writer reports that itself)."""
+        if self._store_down or self._writer_gone or not self._ready.is_set():
+            return
+        if not self._outstanding():
+            self._busy_since = time.monotonic()
+            return
+        waited_s = time.monotonic() - max(self._busy_since, self._last_progress)
+        if waited_s > _STALL_WARN_S:
+            self._store_down_changed(
+                False,
+                f"took no writes for {waited_s:.0f} s (it does not answer, or a large upload "
+                "is under way)",
+            )
 
     def _hand_over(self) -> None:
         """Convert what is queued to plain numbers and send it to the writer."""
@@ -685,12 +935,12 @@ class MlflowTracker:
             through = max(through, step)
             for key, value in metrics.items():
                 if key not in self._known_keys and not self._accept_key(key):
-                    self._dropped_points += 1
+                    self._refused_points += 1
                     continue
                 try:
                     number = float(value.item() if hasattr(value, "item") else value)
                 except Exception as exc:  # any object can arrive here; none may stop the thread
-                    self._dropped_points += 1
+                    self._refused_points += 1
                     self._warn_bad_value(key, value, exc)
                     continue
                 points.append((key, number, timestamp, step))
@@ -702,16 +952,18 @@ class MlflowTracker:
         while self._ops:
             op = self._ops.popleft()
             if self._send(("op", op.what, op.request)):
-                self._sent_ops += 1
+                self._sent_ops.append(op.what)
             else:
-                self._dropped_ops += 1
+                self._lost_ops.append(op.what)
 
     def _send_points(self, points: list[tuple[str, float, int, int]], through: int) -> None:
+        if not self._outstanding():
+            self._busy_since = time.monotonic()
         if self._send(("metrics", points, through)):
             self._sent_points += len(points)
             self._handed_through = through
         else:
-            self._dropped_points += len(points)
+            self._lost_points += len(points)
 
     def _accept_key(self, key: str) -> bool:
         if _valid_key(key):
@@ -739,6 +991,23 @@ class MlflowTracker:
                 _first_line(exc),
             )
 
+    def _store_down_changed(self, up: bool, reason: str) -> None:
+        """One warning per outage, whoever notices it first (the writer, or the stall watch)."""
+        if not up and not self._store_down:
+            self._store_down = True
+            self._log.warning(
+                "%s",
+                redact_secrets(
+                    f"MLflow store {self.shown_uri} {reason}; training goes on, and xp keeps "
+                    f"the run's metrics (up to tracking.max_buffered_points="
+                    f"{self.settings.max_buffered_points}, the checkpoints keep them all) and "
+                    f"retries every {self.settings.flush_interval_s:g} s."
+                ),
+            )
+        elif up and self._store_down:
+            self._store_down = False
+            self._log.info("MLflow store %s takes writes again.", self.shown_uri)
+
     def _receive_loop(self) -> None:
         assert self._from_writer is not None
         try:
@@ -746,10 +1015,19 @@ class MlflowTracker:
                 message = self._from_writer.recv()
                 kind = message[0]
                 if kind == "progress":
-                    self._done_points, self.written_through_step, self._written_ops = message[1:]
+                    (
+                        self._done_points,
+                        self.written_through_step,
+                        self._written_ops,
+                        self._handled_ops,
+                        self._writer_refused_points,
+                        self._overflow_points,
+                    ) = message[1:]
                     self._last_progress = time.monotonic()
+                elif kind == "store":
+                    self._store_down_changed(message[1], message[2])
                 elif kind == "log":
-                    self._log.log(message[1], "%s", message[2])
+                    self._log.log(message[1], "%s", redact_secrets(message[2]))
                 elif kind == "ready":
                     self._run_id = message[1]
                     self._ready.set()
@@ -767,11 +1045,25 @@ class MlflowTracker:
             self._writer_gone = True
             if not self._ready.is_set():
                 self._fail(
-                    f"The MLflow writer process for {self.tracking_uri} exited (code "
+                    f"The MLflow writer process for {self.shown_uri} exited (code "
                     f"{self._exit_code()}) before the run was created; its own error, if any, "
                     "is printed above. HINT: check that mlflow is installed in "
                     f"{sys.executable}, or set tracking.enabled=false.",
                     "",
+                )
+            elif self._failure is None and not self._closing.is_set():
+                self._writer_died = True
+                code = self._exit_code()
+                self._last_error = f"it exited with {_exit_text(code)}"
+                self._log.warning(
+                    "The MLflow writer process of run %s exited with %s while the run "
+                    "trains; training goes on, but from now on nothing reaches %s (the "
+                    "checkpoints keep the metrics). The run will be reported incomplete: "
+                    "`python -m xp resume=%s` completes it.",
+                    self._run_id,
+                    _exit_text(code),
+                    self.shown_uri,
+                    self._run_id,
                 )
 
     def _exit_code(self) -> int | None:
@@ -782,8 +1074,8 @@ class MlflowTracker:
             return None
 
     def _fail(self, message: str, detail: str) -> None:
-        self._failure = _WriterError(detail.strip() or message)
-        self._failure_message = message
+        self._failure = _WriterError(redact_secrets(detail.strip() or message))
+        self._failure_message = redact_secrets(message)
         self._ready.set()
 
 
@@ -804,7 +1096,10 @@ def _check_server(uri: str) -> None:
     import urllib.parse
     import urllib.request
 
-    url = uri.rstrip("/") + "/health"
+    parts = urllib.parse.urlsplit(uri)
+    # /health needs no credentials, and urllib takes "user:pass@host" for a host name.
+    bare = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+    url = urllib.parse.urlunsplit(bare).rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(url, timeout=_HEALTH_TIMEOUT_S) as response:
             response.read(64)
@@ -814,15 +1109,53 @@ def _check_server(uri: str) -> None:
         if exc.code < 500:
             return
         reason = f"HTTP {exc.code}"
-    except OSError as exc:  # URLError, refused connections and timeouts
+    except (OSError, ValueError) as exc:  # URLError, refused connections, timeouts, bad ports
         reason = str(getattr(exc, "reason", exc))
-    parts = urllib.parse.urlsplit(uri)
-    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:
+        port = 5000
     raise TrackingError(
-        f"tracking_uri={uri!r}: the MLflow server does not answer ({reason}). HINT: start it "
+        f"tracking_uri={redact_uri(uri)!r}: the MLflow server does not answer "
+        f"({redact_secrets(reason)}). HINT: start it "
         f"with `mlflow server --host {parts.hostname or '127.0.0.1'} --port {port}`, or unset "
         "MLFLOW_TRACKING_URI / tracking.tracking_uri to use the local SQLite store."
     )
+
+
+def _check_settings(settings: TrackingConfig) -> None:
+    for key in ("flush_interval_s", "close_timeout_s", "max_buffered_points"):
+        value = getattr(settings, key)
+        if not value > 0:
+            raise ValueError(
+                f"tracking.{key}={value!r} must be greater than 0; HINT: leave it out to "
+                "use the default."
+            )
+
+
+def _recordable(values: Mapping[str, Any], limit: int) -> dict[str, str]:
+    """Tag or param values as MLflow gets them: no secrets, at most ``limit`` characters."""
+    return {str(k): _shorten(redact_secrets(str(v)), limit) for k, v in values.items()}
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """End a writer stuck in a request: SIGTERM lets it remove its lock file first."""
+    process.terminate()
+    try:
+        process.wait(timeout=_HEALTH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "no exit yet"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
 
 
 def _existing(path: Path, method: str) -> Path:
@@ -835,5 +1168,5 @@ def _existing(path: Path, method: str) -> Path:
 
 
 def _first_line(exc: BaseException | None, limit: int = 300) -> str:
-    text = str(exc).strip()
+    text = redact_secrets(str(exc)).strip()
     return _shorten(text.splitlines()[0], limit) if text else type(exc).__name__

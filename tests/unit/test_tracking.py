@@ -21,12 +21,14 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.procs import alive, wait_gone
+from xp import tracking
 from xp.config import TrackingConfig
 from xp.tracking import (
     MAX_ENTITY_KEY_LENGTH,
     MAX_PARAM_VAL_LENGTH,
     MlflowTracker,
     TrackingError,
+    TrackingIncomplete,
     default_artifact_location,
     default_tracking_uri,
     drop_early_writer,
@@ -111,6 +113,37 @@ def test_run_holds_every_param_tag_and_metric_point(
     assert tracker.unwritten_metrics == 0
     # Artifacts of a SQLite store go under the launch dir's outputs/, not ./mlruns.
     assert run.info.artifact_uri.startswith((tmp_path / "mlflow" / "mlartifacts" / "exp").as_uri())
+
+
+def test_run_times_span_its_metrics_however_late_the_writer_creates_it(
+    mlflow_uri: str, tmp_path: Path, log: logging.Logger
+) -> None:
+    # The writer imports mlflow and creates the run a second or more after start() (in a
+    # sweep, after short jobs trained): the run still starts when its training started.
+    started_ms = int(time.time() * 1000)
+    tracker = make_tracker(mlflow_uri, tmp_path, log, start_time_ms=started_ms)
+    tracker.start()
+    tracker.log_metrics({"train/loss": 1.0}, step=0)
+    tracker.wait_ready(timeout=60)
+    tracker.log_metrics({"train/loss": 0.5}, step=1)
+    closed_ms = int(time.time() * 1000)
+    tracker.close()
+
+    client = MlflowClient(mlflow_uri)
+    info = client.get_run(tracker.run_id).info
+    stamps = [m.timestamp for m in client.get_metric_history(tracker.run_id, "train/loss")]
+    assert info.start_time == started_ms <= min(stamps)
+    assert max(stamps) <= closed_ms <= info.end_time <= closed_ms + 1000
+
+    # Without a start time given, the tracker's creation is the start.
+    before_ms = int(time.time() * 1000)
+    tracker = make_tracker(mlflow_uri, tmp_path, log)
+    tracker.start()
+    tracker.log_metrics({"train/loss": 1.0}, step=0)
+    tracker.close()
+    info = client.get_run(tracker.run_id).info
+    (point,) = client.get_metric_history(tracker.run_id, "train/loss")
+    assert before_ms <= info.start_time <= point.timestamp <= info.end_time
 
 
 def test_metric_values_may_be_0dim_tensors(
@@ -480,6 +513,12 @@ def test_unreachable_server_fails_at_start(tmp_path: Path, log: logging.Logger) 
         TrackingError, match=rf"{re.escape(uri)}.*mlflow server --host 127\.0\.0\.1"
     ):
         tracker.start()
+    # Credentials in the URI are not printed.
+    tracker = make_tracker(with_credentials(uri), tmp_path, log)
+    with pytest.raises(TrackingError) as caught:
+        tracker.start()
+    assert "tracking_uri='http://xpuser:***@127.0.0.1:" in str(caught.value)
+    assert PASSWORD not in str(caught.value)
 
 
 def test_system_metrics_are_recorded(
@@ -498,43 +537,74 @@ def test_system_metrics_are_recorded(
     assert "system/cpu_utilization_percentage" in metrics
 
 
+PASSWORD = "pw-s3cret-9f1"
+"""In the tracking URIs of the server tests: it must never be printed."""
+
+
+def with_credentials(uri: str) -> str:
+    return uri.replace("http://", f"http://xpuser:{PASSWORD}@")
+
+
 @pytest.mark.slow
-def test_real_server_then_server_dies(
+def test_server_that_stops_answering_ends_the_run_incomplete_within_close_timeout(
     mlflow_uri: str,
     tmp_path: Path,
     log: logging.Logger,
     caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The writer gets xp's short HTTP retries only where the environment sets none.
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
+    # SIGSTOP: the server accepts connections and never answers, so each request would
+    # hang for MLflow's own timeouts (minutes). Training goes on, one warning says so, and
+    # close() gives up after tracking.close_timeout_s with what is missing.
+    monkeypatch.setattr(tracking, "_STALL_WARN_S", 1.0)
+    settings = TrackingConfig(flush_interval_s=0.05, close_timeout_s=2.0)
     with mlflow_server(mlflow_uri, tmp_path) as (uri, server):
-        tracker = make_tracker(uri, tmp_path, log, artifact_location=None)
+        tracker = make_tracker(
+            with_credentials(uri), tmp_path, log, artifact_location=None, settings=settings
+        )
         tracker.start()
         for step in range(100):
             tracker.log_metrics({"train/loss": float(step)}, step=step)
         (tmp_path / "config.yaml").write_text("a: 1\n")
         tracker.log_artifact(tmp_path / "config.yaml")
-        deadline = time.monotonic() + 30
-        while len(history(MlflowClient(mlflow_uri), tracker.run_id, "train/loss")) < 100:
-            assert time.monotonic() < deadline, "metrics did not reach the server"
-            time.sleep(0.1)
-        while not artifact_paths(MlflowClient(uri), tracker.run_id):
-            assert time.monotonic() < deadline, "the artifact did not reach the server"
+        deadline = time.monotonic() + 60
+        while tracker.written_through_step < 99 or not artifact_paths(
+            MlflowClient(uri), tracker.run_id
+        ):
+            assert time.monotonic() < deadline, "the metrics and artifact did not reach the server"
             time.sleep(0.1)
 
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
-        for step in range(100, 150):
-            tracker.log_metrics({"train/loss": float(step)}, step=step)
-        tracker.close()
+        os.killpg(server.pid, signal.SIGSTOP)
+        try:
+            for step in range(100, 150):
+                tracker.log_metrics({"train/loss": float(step)}, step=step)
+            tracker.set_tags({"xp.best_step": "120"})
+            while "does not answer" not in caplog.text:
+                assert time.monotonic() < deadline, "the stalled store was not reported"
+                time.sleep(0.05)
+            started = time.monotonic()
+            with pytest.raises(TrackingIncomplete) as caught:
+                tracker.close()
+            waited_s = time.monotonic() - started
+        finally:
+            os.killpg(server.pid, signal.SIGCONT)
 
-    assert tracker.unwritten_metrics == 50
-    assert "50 metric points and 0 tag/artifact writes could not be written" in caplog.text
-    assert "still shows RUNNING" in caplog.text
-    stored = history(MlflowClient(mlflow_uri), tracker.run_id, "train/loss")
-    assert stored == [(s, float(s)) for s in range(100)]
+    assert waited_s < 30  # close_timeout_s and a grace, not minutes of MLflow retries
+    error = caught.value
+    assert (error.missing_points, error.first_missing_step) == (50, 100)
+    assert error.missing_writes == ["tags ['xp.best_step']"]
+    assert not error.status_recorded
+    message = str(error)
+    assert "50 metric points (from step 100 on)" in message
+    assert "still shows RUNNING there, not FINISHED" in message
+    assert "tracking.close_timeout_s=2" in message
+    assert f"run `python -m xp resume={tracker.run_id}` once the store answers again" in message
+    assert caplog.text.count("does not answer") == 1
+    assert PASSWORD not in caplog.text + message + "".join(capfd.readouterr())
+    client = MlflowClient(mlflow_uri)
+    assert history(client, tracker.run_id, "train/loss") == [(s, float(s)) for s in range(100)]
+    assert client.get_run(tracker.run_id).info.status == "RUNNING"
 
 
 @pytest.mark.slow
@@ -543,12 +613,17 @@ def test_server_restart_mid_run_loses_nothing(
     tmp_path: Path,
     log: logging.Logger,
     caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The writer gets xp's short HTTP retries only where the environment sets none.
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
     caplog.set_level(logging.INFO, logger=log.name)
     with mlflow_server(mlflow_uri, tmp_path) as (uri, server):
+        # Credentials in the URI: MLflow quotes the URI in its errors, xp never does.
+        port = int(uri.rsplit(":", 1)[1])
+        uri = with_credentials(uri)
         tracker = make_tracker(uri, tmp_path, log, artifact_location=None)
         tracker.start()
         tracker.wait_ready(timeout=60)
@@ -562,16 +637,17 @@ def test_server_restart_mid_run_loses_nothing(
         server.wait(timeout=30)
         for step in range(50, 100):
             tracker.log_metrics({"train/loss": float(step)}, step=step)
-        while "keeps everything queued" not in caplog.text:
+        while "training goes on" not in caplog.text:
             assert time.monotonic() < deadline, "the failed write was not reported"
             time.sleep(0.05)
-        port = int(uri.rsplit(":", 1)[1])
     with mlflow_server(mlflow_uri, tmp_path, port=port):
         tracker.close()
 
     client = MlflowClient(mlflow_uri)
     assert history(client, tracker.run_id, "train/loss") == [(s, float(s)) for s in range(100)]
-    assert caplog.text.count("keeps everything queued") == 1
+    assert caplog.text.count("training goes on") == 1
+    assert "API request to http://xpuser:***@127.0.0.1" in caplog.text  # MLflow's own words
+    assert PASSWORD not in caplog.text + "".join(capfd.readouterr())
     assert "takes writes again" in caplog.text
     assert tracker.unwritten_metrics == 0
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
