@@ -237,14 +237,19 @@ def _resume_arguments(args: list[str]) -> list[str]:
         for a in overrides
         if not a.startswith(("resume=", "test=")) and not a.startswith("experiment_name=")
     ]
-    flags = _config_dir_of(target, flags, key, spec)
     # What the user typed now: xp.run applies each (or refuses it) and records it.
     target = replace(target, overrides=tuple(kept))
     os.environ[TEST_ENV if key == "test" else ENV] = target.to_env()
     os.environ["XP_TIMESTAMP"] = target.timestamp or Path(target.run_dir).name
     given = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
+    # An option of the user's own --config-dir, not given again, is left out: the run's
+    # saved values restore it (xp.restore), or the error there names the directory.
     choices = choice_overrides(
-        {g: o for g, o in target.choices.items() if not g.startswith("hydra") and g not in given}
+        {
+            g: o
+            for g, o in target.choices.items()
+            if not g.startswith("hydra") and g not in given and _findable(g, o, flags)
+        }
     )
     return [
         *flags,  # Hydra's own flags (--config-dir ...) before every override
@@ -257,36 +262,12 @@ def _resume_arguments(args: list[str]) -> list[str]:
     ]
 
 
-def _config_dir_of(target: Any, flags: list[str], key: str, spec: str) -> list[str]:
-    """Hydra's flags, with the ``--config-dir`` the run was composed with when it needs one.
-
-    A run composed from options of the user's own config directory composes from them
-    again: the directory it was started with is added when the command gives none.
-
-    Raises:
-        SystemExit: that directory is gone (the error names it and the options it held).
-    """
-    if not target.config_dirs or any(f.split("=")[0] in ("--config-dir", "-cd") for f in flags):
-        return flags
-    own = [
-        f"{group}={option}"
-        for group, option in target.choices.items()
-        if option is not None
-        and not group.startswith("hydra")
-        and not (CONF_DIR / group / f"{option}.yaml").is_file()
-    ]
-    if not own:
-        return flags
-    config_dir = target.config_dirs[0]
-    if Path(config_dir).is_dir():
-        return [*flags, "--config-dir", config_dir]
-    say(
-        f"xp: error: {key}={spec}: the run was composed with --config-dir {config_dir} (for "
-        f"{', '.join(own)}), which is gone; give the directory that holds those options now: "
-        f"python -m xp {key}={spec} --config-dir <dir>.",
-        file=sys.stderr,
-    )
-    raise SystemExit(1)
+def _findable(group: str, option: str | None, flags: list[str]) -> bool:
+    """Whether composing can find ``group=option``: one of xp's options, or the command
+    gives a config directory (which may hold it)."""
+    if option is None or any(f.split("=")[0] in ("--config-dir", "-cd") for f in flags):
+        return True
+    return (CONF_DIR / group / f"{option}.yaml").is_file()
 
 
 # Hydra flags after which the command does not train here: it prints, or it sweeps (each

@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from xp.checkpoint import Checkpointer, CheckpointError, load_file
+from xp.checkpoint import Checkpointer, CheckpointError
 from xp.config import (
     CheckpointConfig,
     DataConfig,
@@ -48,6 +47,7 @@ from xp.env import git_info
 from xp.launch import launch_workers, port_in_use
 from xp.log import close_logger, say
 from xp.optim import OptimSpec
+from xp.restore import plain, restore_config
 from xp.resume import (
     LOCK_FILE,
     TEST_ENV,
@@ -59,6 +59,7 @@ from xp.resume import (
 from xp.rundir import claimed_here
 from xp.scheduler import Phase
 from xp.strategy.base import Prepared, Strategy, TrainingLength
+from xp.targets import UntrustedTarget, check_restored
 from xp.task import ModelStepTask, SupervisedTask, task_for_model
 from xp.tracking import (
     MlflowTracker,
@@ -82,9 +83,7 @@ def launch_dir() -> Path:
 # --------------------------------------------------------------------------- builders
 
 
-def _plain(node: DictConfig) -> dict[str, Any]:
-    """A resolved plain dict: lists stay lists and enums become strings (weights_only-safe)."""
-    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+_plain = plain
 
 
 def build_factory(node: DictConfig, schema: type | None, key: str) -> partial[Any]:
@@ -272,7 +271,7 @@ def build_tracker(
         del tags["xp.overrides"]  # test= re-opens the run: keep how it was trained
     elif target is not None:
         tags["xp.resumed_from"] = target.checkpoint
-        tags["xp.resume_overrides"] = " ".join(f"{k}={v}" for k, v in (accepted or {}).items())
+        tags["xp.resume_overrides"] = " ".join(target.overrides)
     if cfg.load_from:
         tags["xp.load_from"] = str(cfg.load_from)
     git = git_info(launch_dir())
@@ -296,102 +295,6 @@ def build_tracker(
         run_id=target.run_id if target is not None else None,
         logger=strategy.logger,
     )
-
-
-# --------------------------------------------------------------------------- resume
-
-_MISSING = object()
-_STATE_MEANING = re.compile(
-    r"^(model\..*|strategy\._target_|data\.(_target_|batch_size|drop_last)|randomness\.seed"
-    r"|optim\.(_target_|params)|optim\.optimizers\.[^.]+\.(_target_|params)"
-    r"|scheduler\..*\._target_)$"
-)
-"""Keys whose change on resume would change what the saved state means."""
-_TRUSTED = ("torch.", "xp.")
-
-
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out if out or not prefix else {prefix[:-1]: {}}
-    return {prefix[:-1]: node}
-
-
-def _saved_config(target: ResumeTarget) -> str:
-    config = Path(target.run_dir) / "config.yaml"
-    if config.is_file():
-        return config.read_text()
-    checkpoint = Path(target.checkpoint)
-    return str(load_file(checkpoint / "extra.pt" if checkpoint.is_dir() else checkpoint)["config"])
-
-
-def restore_config(cfg: DictConfig, target: ResumeTarget) -> tuple[DictConfig, dict[str, Any]]:
-    """The config the resumed run was trained with, plus the overrides given now.
-
-    Returns:
-        The restored config, and the accepted overrides (key -> new value).
-
-    Raises:
-        ResumeError: an override would change what the saved state means.
-    """
-    import yaml
-    from hydra import compose
-
-    from xp.config import register_schemas
-    from xp.prefork import initialize_hydra
-
-    initialize_hydra()  # in a forked training process (xp/prefork.py), as in its parent
-    register_schemas()
-    saved = _flat(yaml.safe_load(_saved_config(target)) or {})
-    from xp.__main__ import choice_overrides
-
-    choices = choice_overrides(
-        {g: o for g, o in target.choices.items() if not g.startswith("hydra")}
-    )
-    base = compose("config", overrides=[*choices, f"experiment_name={target.experiment_name}"])
-    before, now = _flat(_plain(base)), _flat(_plain(cfg))
-    given = {k: v for k, v in now.items() if before.get(k, _MISSING) != v}
-    refused = [
-        f"{k}: saved {saved.get(k)!r}, given {v!r}"
-        for k, v in given.items()
-        if _STATE_MEANING.match(k) and saved.get(k, _MISSING) != v
-    ]
-    if refused:
-        raise ResumeError(
-            "resume: these overrides change what the saved state means: "
-            + "; ".join(refused)
-            + ". Resume without them, or start a new run from the weights with load_from=."
-        )
-    restored = cfg.copy()
-    for key, value in saved.items():
-        if key in given:
-            continue
-        if OmegaConf.select(restored, key, default=_MISSING) is _MISSING:
-            logging.getLogger("xp").warning("resume: %s is no longer in the config; ignored.", key)
-            continue
-        OmegaConf.update(restored, key, value, merge=False)
-    return restored, {k: v for k, v in given.items() if saved.get(k, _MISSING) != v}
-
-
-def check_targets(cfg: DictConfig, *, allowed: Any, restored: bool) -> None:
-    """A restored config is data: it builds only ``_target_``s under trusted prefixes.
-
-    Raises:
-        ValueError: a ``_target_`` outside ``torch.``, ``xp.`` and ``target_allowlist``.
-    """
-    if not restored:
-        return
-    prefixes = (*_TRUSTED, *[str(a) for a in allowed or ()])
-    for key, value in _flat(_plain(cfg)).items():
-        if key.endswith("_target_") and not str(value).startswith(prefixes):
-            module = str(value).split(".")[0]
-            raise ValueError(
-                f"{key}={value!r} in the restored config is not under the allowed prefixes "
-                f"{list(prefixes)}, so it is not built. If you trust it, add "
-                f"target_allowlist=[{module}.] to the command."
-            )
 
 
 # --------------------------------------------------------------------------- the run
@@ -506,8 +409,9 @@ def run(cfg: DictConfig) -> float | None:
     allowed = list(cfg.target_allowlist or [])
     if target is not None:
         try:
-            cfg, accepted = restore_config(cfg, target)
-        except ResumeError as e:
+            cfg, accepted = restore_config(cfg, target, HydraConfig.get().runtime.choices)
+            check_restored(_plain(cfg), allowed)
+        except (ResumeError, UntrustedTarget) as e:
             say(f"xp: error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
     elif cfg.get("test"):
@@ -522,13 +426,12 @@ def run(cfg: DictConfig) -> float | None:
         drop_early_writer()  # the workers start their own; this process does not track
         return _run_workers(cfg, log_dir, nproc, created_here)
     if tested is not None:
-        return _test(cfg, tested, accepted, log_dir, allowed)
+        return _test(cfg, tested, accepted, log_dir)
     lock: RunDirLock | None = None
     tracker: MlflowTracker | None = None
     strategy: Strategy | None = None
     started = False
     try:
-        check_targets(cfg, allowed=allowed, restored=target is not None)
         lock = _hold_run_dir(log_dir)
         built = build(cfg, log_dir, _timestamp(target))
         strategy = built.strategy
@@ -549,6 +452,12 @@ def run(cfg: DictConfig) -> float | None:
         started = True
         if strategy.is_main_process:
             _write_run_files(strategy, built.config_yaml, facts)
+        if target is not None and target.overrides:
+            strategy.logger.info(
+                "Resumed with %s: %s",
+                " ".join(target.overrides),
+                ", ".join(f"{k} now {v!r}" for k, v in accepted.items()) or "nothing changes",
+            )
         strategy.logger.info(
             "Run %s: %s %d steps (%d per epoch) on %s; logs in %s",
             strategy.timestamp,
@@ -620,7 +529,6 @@ def _test(
     target: ResumeTarget,
     accepted: Mapping[str, Any],
     log_dir: Path,
-    allowed: list[str],
 ) -> float | None:
     """``test=<run>``: evaluate a checkpoint of that run on the test split, log ``test/*``
     onto the same MLflow run, and leave its training state and status as they were."""
@@ -628,7 +536,6 @@ def _test(
     tracker: MlflowTracker | None = None
     status = "FINISHED"
     try:
-        check_targets(cfg, allowed=allowed, restored=True)
         built = build(cfg, log_dir, _timestamp(target))
         strategy = built.strategy
         if built.test_loader is None:

@@ -172,7 +172,7 @@ def _resolved(cfg: DictConfig, key: str) -> tuple[Path, bool]:
     """The directory ``key`` names (absolute), and whether the launch's timestamp names it."""
     raw = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
     node = cfg.hydra.run if key == "hydra.run.dir" else cfg.hydra.sweep
-    template = str(OmegaConf.to_container(node, resolve=False)["dir"])  # type: ignore[index]
+    template = str(OmegaConf.to_container(node, resolve=False)["dir"])  # type: ignore[call-overload,index]
     path = Path(str(raw)).absolute()
     stamp = os.environ.get(TIMESTAMP_ENV, "")
     return path, "xp_timestamp" in template and path.name == stamp
