@@ -834,12 +834,19 @@ class MlflowTracker:
             causes.append(waited)
         cause = "; ".join(causes)
         run = self._run_id or "(not created)"
+        when, longer = (
+            ("", "")
+            if self._writer_died
+            else (
+                " once the store answers again",
+                "; raise tracking.close_timeout_s to wait longer for a slow store",
+            )
+        )
         message = redact_secrets(
             f"MLflow run {run} in {self.shown_uri} is incomplete: {missing}, and {state} "
-            f"({cause}). HINT: run `python -m xp resume={run}` once the store answers again: "
-            "it replays the missing metric points from the run's last checkpoint, uploads "
-            "its files again and records its end; raise tracking.close_timeout_s to wait "
-            "longer for a slow store."
+            f"({cause}). HINT: run `python -m xp resume={run}`{when}: it replays the missing "
+            "metric points from the run's last checkpoint, uploads its files again and "
+            f"records its end{longer}."
         )
         return TrackingIncomplete(
             message,
@@ -1044,11 +1051,16 @@ class MlflowTracker:
             self._from_writer.close()
             self._writer_gone = True
             if not self._ready.is_set():
+                code = self._exit_code()
+                hint = (
+                    "HINT: run it again; set tracking.enabled=false to train without MLflow."
+                    if code is not None and code < 0
+                    else "Its own error, if any, is printed above. HINT: check that mlflow is "
+                    f"installed in {sys.executable}, or set tracking.enabled=false."
+                )
                 self._fail(
-                    f"The MLflow writer process for {self.shown_uri} exited (code "
-                    f"{self._exit_code()}) before the run was created; its own error, if any, "
-                    "is printed above. HINT: check that mlflow is installed in "
-                    f"{sys.executable}, or set tracking.enabled=false.",
+                    f"The MLflow writer process for {self.shown_uri} exited with "
+                    f"{_exit_text(code)} before the run was created. {hint}",
                     "",
                 )
             elif self._failure is None and not self._closing.is_set():
