@@ -50,6 +50,7 @@ from xp.optim import OptimSpec
 from xp.restore import plain, restore_config
 from xp.resume import (
     LOCK_FILE,
+    RUN_ID,
     TEST_ENV,
     ResumeError,
     ResumeTarget,
@@ -78,6 +79,22 @@ USER_ERRORS = (ValueError, TypeError, CheckpointError, TrackingError)
 def launch_dir() -> Path:
     """The directory the command was started in (fixed at start by ``xp.__main__``)."""
     return Path(os.environ.get("XP_LAUNCH_DIR") or os.getcwd()).resolve()
+
+
+@contextlib.contextmanager
+def _in_launch_dir() -> Iterator[None]:
+    """Work in the directory the command was started in, then go back.
+
+    With ``hydra.job.chdir=true`` a run works in its run directory, but every path a user
+    gives (a dataset's root, a tokenizer file) is relative to where the command ran: the
+    run's parts are built from there.
+    """
+    here = os.getcwd()
+    os.chdir(launch_dir())
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 # --------------------------------------------------------------------------- builders
@@ -433,7 +450,8 @@ def run(cfg: DictConfig) -> float | None:
     started = False
     try:
         lock = _hold_run_dir(log_dir)
-        built = build(cfg, log_dir, _timestamp(target))
+        with _in_launch_dir():  # relative paths in the config: from where the command ran
+            built = build(cfg, log_dir, _timestamp(target))
         strategy = built.strategy
         facts = _run_facts(cfg, strategy.timestamp)
         trainer = build_trainer(built, checkpoint_extra={"config": built.config_yaml, "run": facts})
@@ -536,7 +554,8 @@ def _test(
     tracker: MlflowTracker | None = None
     status = "FINISHED"
     try:
-        built = build(cfg, log_dir, _timestamp(target))
+        with _in_launch_dir():  # relative paths in the config: from where the command ran
+            built = build(cfg, log_dir, _timestamp(target))
         strategy = built.strategy
         if built.test_loader is None:
             raise ValueError(
@@ -705,8 +724,11 @@ def _run_facts(cfg: DictConfig, timestamp: str) -> dict[str, Any]:
 
 
 def _load_from(cfg: DictConfig) -> Path:
+    spec = str(cfg.load_from)
+    if not RUN_ID.match(spec):
+        spec = str(launch_dir() / spec)  # relative to where the command ran (hydra.job.chdir)
     return checkpoint_for_load(
-        str(cfg.load_from),
+        spec,
         tracking_uri=cfg.tracking.tracking_uri or default_tracking_uri(launch_dir()),
         outputs=launch_dir() / "outputs",
     )
