@@ -267,8 +267,12 @@ def build_tracker(
     strategy: Strategy,
     settings: TrackingConfig,
     target: ResumeTarget | None = None,
-    accepted: Mapping[str, Any] | None = None,
+    env: Mapping[str, Any] | None = None,
 ) -> MlflowTracker | None:
+    """Rank 0's MLflow tracker of this run (None elsewhere, or with tracking off).
+
+    ``env`` is what ``collect_env`` found (``env.json``): its facts become tags.
+    """
     if not settings.enabled or not strategy.is_main_process:
         drop_early_writer()  # the config turned tracking off: it is not needed
         return None
@@ -284,14 +288,20 @@ def build_tracker(
     }
     if os.environ.get("SLURM_JOB_ID"):
         tags["xp.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-    if cfg.get("test"):
-        del tags["xp.overrides"]  # test= re-opens the run: keep how it was trained
-    elif target is not None:
+    if target is not None:
+        del tags["xp.overrides"]  # resume= and test= re-open the run: keep how it started
+    if target is not None and not cfg.get("test"):
         tags["xp.resumed_from"] = target.checkpoint
         tags["xp.resume_overrides"] = " ".join(target.overrides)
     if cfg.load_from:
         tags["xp.load_from"] = str(cfg.load_from)
-    git = git_info(launch_dir())
+    if env is not None:
+        tags.update(_env_tags(env))
+    git = (
+        {k: v for k, v in env["system"].items() if k.startswith("git_")}
+        if env is not None
+        else git_info(launch_dir())
+    )
     if git:
         tags["mlflow.source.git.commit"] = git["git_commit"]
         tags["xp.git_commit"] = git["git_commit"]
@@ -461,15 +471,15 @@ def run(cfg: DictConfig) -> float | None:
             trainer.load_state(resumed)
         elif cfg.load_from:
             strategy.load_checkpoint(_load_from(cfg), strict=cfg.load_from_strict)
-        tracker = build_tracker(cfg, strategy, built.tracking, target, accepted)
+        env = _write_run_files(strategy, built.config_yaml, facts)
+        tracker = build_tracker(cfg, strategy, built.tracking, target, env)
         if tracker is not None:
             tracker.start()
+            _log_start_files(tracker, strategy)
         trainer.tracker = tracker
         if resumed is not None:
             trainer.replay_unstored_metrics(resumed)
         started = True
-        if strategy.is_main_process:
-            _write_run_files(strategy, built.config_yaml, facts)
         if target is not None and target.overrides:
             strategy.logger.info(
                 "Resumed with %s: %s",
@@ -572,7 +582,7 @@ def _test(
             (Path(target.run_dir) / "test_metrics.json").write_text(
                 json.dumps({"checkpoint": str(checkpoint), "step": step, **metrics}, indent=2)
             )
-        tracker = build_tracker(cfg, strategy, built.tracking, target, accepted)
+        tracker = build_tracker(cfg, strategy, built.tracking, target)
         run_id = None
         if tracker is not None:
             status = _run_status(built.tracking, cfg, target.run_id)
@@ -770,24 +780,49 @@ def _run_workers(cfg: DictConfig, log_dir: Path, nproc: int, created_here: bool)
     return None if objective is None else float(objective)
 
 
-def _write_run_files(strategy: Strategy, config_yaml: str, facts: dict[str, Any]) -> None:
+_START_FILES = ("config.yaml", "env.json", "run.json")
+"""Written and recorded as the run starts, so every run has them, FAILED and KILLED too."""
+
+
+def _write_run_files(
+    strategy: Strategy, config_yaml: str, facts: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Rank 0 writes the resolved config, the run's facts and the environment; the
+    environment (``collect_env``), or None on other ranks."""
+    if not strategy.is_main_process:
+        return None
     (strategy.log_dir / "config.yaml").write_text(config_yaml)
     (strategy.log_dir / "run.json").write_text(json.dumps(facts, indent=2))
     system, runtime = strategy.collect_env()
-    (strategy.log_dir / "env.json").write_text(
-        json.dumps({"system": system, "runtime": runtime}, indent=2, default=str)
-    )
+    env = {"system": system, "runtime": runtime}
+    (strategy.log_dir / "env.json").write_text(json.dumps(env, indent=2, default=str))
+    return env
+
+
+def _log_start_files(tracker: MlflowTracker, strategy: Strategy) -> None:
+    for name in _START_FILES:
+        if (strategy.log_dir / name).exists():
+            tracker.log_artifact(strategy.log_dir / name)
+    if (strategy.log_dir / ".hydra").is_dir():
+        tracker.log_artifacts(strategy.log_dir / ".hydra", ".hydra")
+
+
+def _env_tags(env: Mapping[str, Any]) -> dict[str, str]:
+    """The facts of ``env.json`` people filter runs by, as MLflow tags."""
+    system, runtime = env.get("system", {}), env.get("runtime", {})
+    tags = {
+        "xp.torch": system.get("torch"),
+        "xp.cuda": system.get("cuda"),
+        "xp.device": runtime.get("device"),
+        "xp.hostname": runtime.get("hostname"),
+    }
+    return {k: str(v) for k, v in tags.items() if v is not None}
 
 
 def _log_run_files(
     tracker: MlflowTracker, strategy: Strategy, trainer: Trainer, settings: TrackingConfig
 ) -> None:
     log_dir = strategy.log_dir
-    for name in ("config.yaml", "env.json", "run.json"):
-        if (log_dir / name).exists():
-            tracker.log_artifact(log_dir / name)
-    if (log_dir / ".hydra").is_dir():
-        tracker.log_artifacts(log_dir / ".hydra", ".hydra")
     if settings.log_checkpoints:
         for path in trainer.checkpointer.list():
             tracker.log_checkpoint(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -131,6 +132,18 @@ def test_failure_during_training_marks_the_run_failed(xp, workdir: Path, store) 
     assert run.info.status == "FAILED"
     assert "mat1 and mat2" in run.data.tags["xp.error"]
     assert len(run_dirs(workdir)) == 1  # the run's log stays for inspection
+    _has_its_start_files_and_env_tags(store, run)
+
+
+def _has_its_start_files_and_env_tags(store, run) -> None:
+    """Every run, FAILED or KILLED too, has its environment, config and .hydra in MLflow,
+    and the facts people filter runs by as tags."""
+    artifacts = {a.path for a in store.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "env.json", "run.json", ".hydra"} <= artifacts, artifacts
+    tags = run.data.tags
+    assert tags["xp.torch"] == torch.__version__
+    assert tags["xp.device"] == "cpu" and tags["xp.world_size"] == "1"
+    assert tags["xp.hostname"] == socket.gethostname()
 
 
 def test_ctrl_c_marks_the_run_killed(workdir: Path, store) -> None:
@@ -159,6 +172,7 @@ def test_ctrl_c_marks_the_run_killed(workdir: Path, store) -> None:
     assert proc.returncode != 0
     run = only_run(store)
     assert run.info.status == "KILLED"
+    _has_its_start_files_and_env_tags(store, run)
 
 
 def test_git_commit_and_null_seed_are_recorded(xp, workdir: Path, store) -> None:

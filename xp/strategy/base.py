@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import platform
 import re
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -855,10 +856,25 @@ class Strategy(ABC):
             "distributed": self.distributed,
             "world_size": self.world_size,
             "rank": self.rank,
+            "local_rank": self.local_rank,
+            "node_rank": _node_rank(self._info),
+            "hostname": socket.gethostname(),
             "device": str(self.root_device),
             "strategy": type(self).__name__,
         }
+        if os.environ.get("SLURM_JOB_ID"):
+            runtime["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
         return system, runtime
+
+
+def _node_rank(info: DistInfo) -> int:
+    """Which machine of the run this is: the launcher's word (torchrun's GROUP_RANK, Slurm's
+    SLURM_NODEID, Open MPI's node rank), else the global rank over the processes per node."""
+    for key in ("GROUP_RANK", "SLURM_NODEID", "OMPI_COMM_WORLD_NODE_RANK"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return info.rank // max(1, info.local_world_size)
 
 
 def _shortened(names: Sequence[str], shown: int = 5) -> str:
