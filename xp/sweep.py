@@ -1092,7 +1092,7 @@ def announce(
         return f"xp: {count}: with tracking off no job is skipped or resumed."
     before = ""
     if parents:
-        times = f"{len(parents)} times, last" if len(parents) > 1 else "parent"
+        times = f"{len(parents)} times, last as parent" if len(parents) > 1 else "parent"
         before = f"this sweep ran before ({times} {parents[0]})"
     if fresh:
         return f"xp: sweep.fresh=true: {count} anew" + (f", although {before}." if before else ".")

@@ -138,8 +138,8 @@ def test_the_start_of_a_sweep_says_what_it_skips_and_resumes() -> None:
     ]
     text = announce(earlier, ["p2", "p1"], 8, tracked=True, fresh=False)
     assert text == (
-        "xp: this sweep ran before (2 times, last p2): 3 of 8 jobs FINISHED will be skipped, "
-        "1 KILLED will be resumed, 4 will run; sweep.fresh=true runs everything anew."
+        "xp: this sweep ran before (2 times, last as parent p2): 3 of 8 jobs FINISHED will be "
+        "skipped, 1 KILLED will be resumed, 4 will run; sweep.fresh=true runs everything anew."
     )
     new = announce([], [], 4, tracked=True, fresh=False)
     assert new.startswith("xp: a new sweep: all 4 jobs run (runs outside this sweep are never")
