@@ -65,6 +65,7 @@ from xp.task import ModelStepTask, SupervisedTask, task_for_model
 from xp.tracking import (
     MlflowTracker,
     TrackingError,
+    TrackingIncomplete,
     default_artifact_location,
     default_tracking_uri,
     drop_early_writer,
@@ -72,6 +73,9 @@ from xp.tracking import (
 )
 from xp.trainer import Trainer, TrainingStopped, training_length
 
+INCOMPLETE_RECORD_EXIT = 3
+"""The exit status of a run that trained to its end while MLflow's record of it stayed
+incomplete (the store or the writer failed): ``resume=<run id>`` completes it."""
 USER_ERRORS = (ValueError, TypeError, CheckpointError, TrackingError)
 """Errors a user causes with config or input: reported as one message, no traceback."""
 
@@ -497,12 +501,16 @@ def run(cfg: DictConfig) -> float | None:
         )
         run_id = None
         # A stop signal after the last step (while artifacts upload) lets the run finish.
+        incomplete: TrackingIncomplete | None = None
         with _stop_on_signals(trainer):
             metrics = trainer.fit()
             if tracker is not None:
                 _log_run_files(tracker, strategy, trainer, built.tracking)
                 run_id = tracker.run_id
-                tracker.close("FINISHED")
+                try:
+                    tracker.close("FINISHED")
+                except TrackingIncomplete as e:  # trained to the end; the record lacks some
+                    incomplete = e
         if strategy.is_main_process:
             (log_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         run_id = strategy.broadcast_object(run_id)
@@ -510,9 +518,12 @@ def run(cfg: DictConfig) -> float | None:
             "Done: %s", ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
         )
         say(
-            f"xp: rank {strategy.rank}/{strategy.world_size} finished; "
-            f"log_dir {log_dir}; MLflow run {run_id}"
+            f"xp: rank {strategy.rank}/{strategy.world_size} finished; log_dir {log_dir}"
+            + (f"; MLflow run {run_id}" if run_id else "")
         )
+        if incomplete is not None:
+            say(f"xp: error: {incomplete}", file=sys.stderr)
+            raise SystemExit(INCOMPLETE_RECORD_EXIT)
         objective = metrics.get(built.trainer.objective)
         return None if objective is None else float(objective)
     except TrainingStopped as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.procs import children
 
 pytestmark = pytest.mark.slow
 
@@ -304,3 +307,55 @@ def test_the_early_mlflow_writer_starts_only_for_a_tracked_run_here(
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
     assert _trains_here(args) is False  # only rank 0 writes the run
+
+
+def _written_points(store) -> int:
+    experiment = store.get_experiment_by_name("default")
+    runs = store.search_runs([experiment.experiment_id]) if experiment else []
+    return len(store.get_metric_history(runs[0].info.run_id, "train/loss")) if runs else 0
+
+
+def _writer_pids(root: int) -> list[int]:
+    """The MLflow writer processes among the descendants of ``root``."""
+    found, todo = [], [root]
+    while todo:
+        for pid in children(todo.pop()):
+            todo.append(pid)
+            with contextlib.suppress(OSError):
+                if b"xp._tracking_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+    return found
+
+
+def test_a_run_whose_mlflow_writer_dies_exits_non_zero_and_resume_completes_it(
+    workdir: Path, store, xp
+) -> None:
+    args = ["trainer.max_epochs=25", "trainer.log_interval_steps=1", "tracking.close_timeout_s=5"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xp", *args],
+        cwd=workdir,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not _written_points(store):  # the writer created the run and wrote into it
+        assert proc.poll() is None and time.monotonic() < deadline, "nothing reached MLflow"
+        time.sleep(0.05)
+    before = set(_writer_pids(proc.pid))
+    assert len(before) == 1
+    os.kill(before.pop(), signal.SIGKILL)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 3, err[-3000:]
+    assert err.count("xp: error:") == 1 and "is incomplete" in err
+    run = only_run(store)
+    assert f"python -m xp resume={run.info.run_id}" in err
+    assert run.info.status == "RUNNING"
+
+    resumed = xp(f"resume={run.info.run_id}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = store.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in store.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(1, 501))  # every step once: 25 epochs of 20
