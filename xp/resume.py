@@ -270,9 +270,9 @@ def _from_path(path: Path, key: str = "resume") -> tuple[Path, Path]:
         verify(path)
     except CheckpointCorrupt as e:
         raise ResumeError(
-            f"{key}={path}: the checkpoint is corrupt ({e.reason}). Give its run directory "
-            f"({key}={path.parent.parent}) to use the newest checkpoint that verifies, or "
-            f"another checkpoint from {path.parent}."
+            f"{key}={path}: the checkpoint is corrupt or truncated ({e.reason}). Give its run "
+            f"directory ({key}={path.parent.parent}) to use the newest checkpoint that "
+            f"verifies, or another checkpoint from {path.parent}."
         ) from e
     return path, path.parent.parent
 
