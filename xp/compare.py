@@ -253,10 +253,10 @@ def main(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    from mlflow import MlflowClient
+    from xp.tracking import client
 
     try:
-        runs, objective = _runs(MlflowClient(uri), args.runs)
+        runs, objective = _runs(client(uri), args.runs)
         sort = args.sort or (
             objective if objective and any(objective in r.data.metrics for r in runs) else None
         )

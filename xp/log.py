@@ -25,7 +25,7 @@ def build_logger(
         handler.close()
     logger.setLevel(level if rank == 0 else logging.WARNING)
     logger.propagate = False
-    formatter = logging.Formatter(_FORMAT if rank == 0 else f"[rank {rank}] {_FORMAT}")
+    formatter = _Redacting(_FORMAT if rank == 0 else f"[rank {rank}] {_FORMAT}")
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(formatter)
     logger.addHandler(console)
@@ -33,9 +33,18 @@ def build_logger(
         log_file.parent.mkdir(parents=True, exist_ok=True)
         # Append mode: torch.compile and resumed runs must never truncate what is there.
         file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter(_FORMAT))
+        file_handler.setFormatter(_Redacting(_FORMAT))
         logger.addHandler(file_handler)
     return logger
+
+
+class _Redacting(logging.Formatter):
+    """No line of the log shows a URI's password or a secret environment value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from xp.tracking import redact_secrets
+
+        return redact_secrets(super().format(record))
 
 
 def close_logger() -> None:
@@ -54,6 +63,8 @@ def say(line: str, *, file: TextIO | None = None) -> None:
     PYTHONUNBUFFERED) each goes straight to the file: two ranks sharing one terminal or
     pipe then splice their lines together. One write of a line is not split.
     """
+    from xp.tracking import redact_secrets  # nothing xp prints shows a password
+
     stream = sys.stdout if file is None else file
-    stream.write(line + "\n")
+    stream.write(redact_secrets(line) + "\n")
     stream.flush()

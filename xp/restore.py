@@ -41,6 +41,8 @@ STATE_MEANING = re.compile(
     r"|scheduler\..*\._target_)$"
 )
 """Keys whose change on resume would change what the saved state means."""
+NOT_RESTORED = ("tracking.tracking_uri",)
+"""Where the run is recorded is the command's to say (and a saved URI lost its password)."""
 OPEN_GROUPS = ("model", "data")
 """Groups whose node is open (any keyword arguments): a run's values come back whole."""
 _MISSING = object()
@@ -117,7 +119,9 @@ def restore_config(
         if isinstance(tree.get(group), dict):
             OmegaConf.update(restored, group, tree[group], merge=False)
     for key, value in saved.items():
-        if key in given or any(key == d or key.startswith(d + ".") for d in deleted):
+        if key in given or key in NOT_RESTORED:
+            continue
+        if any(key == d or key.startswith(d + ".") for d in deleted):
             continue
         top = key.split(".", 1)[0]
         try:

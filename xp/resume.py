@@ -31,6 +31,7 @@ from xp.checkpoint import (
 from xp.log import say
 from xp.rundir import CLAIM_FILE, RESUME_ENV
 from xp.rundir import TEST_ENV as TEST_ENV  # re-exported: xp.run and xp.__main__ read it here
+from xp.tracking import redact_uri
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 ENV = RESUME_ENV
@@ -114,8 +115,15 @@ class RunDirLock:
         self._fd = fd
 
     def release(self) -> None:
+        """Let go: the lock file goes too, so a run that ended reads as no live run.
+
+        Removed while still held, so no other process can take a lock on it meanwhile;
+        only a process that dies without getting here (``kill -9``) leaves it, free.
+        """
         fd, self._fd = self._fd, None
         if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
             os.close(fd)  # closing releases the lock
 
     def holder(self, wait_s: float = 0.0) -> str | None:
@@ -140,8 +148,9 @@ class RunDirLock:
             time.sleep(0.05)
 
     def dead(self) -> bool:
-        """Whether a process trained here and is gone: the lock file exists and is free."""
-        return self.path.is_file() and self.holder() is None
+        """Whether no process trains here now (the lock file is free, or gone because the
+        run's process ended) in a run directory that exists."""
+        return self.path.parent.is_dir() and self.holder() is None
 
 
 def _who() -> str:
@@ -171,9 +180,9 @@ def _in_use(run_dir: Path, holder: str) -> str:
 
 
 def _client(tracking_uri: str) -> Any:
-    from mlflow import MlflowClient
+    from xp.tracking import client
 
-    return MlflowClient(tracking_uri)
+    return client(tracking_uri)
 
 
 def _meta(checkpoint: Path, run_dir: Path) -> dict[str, Any]:
@@ -323,8 +332,14 @@ def resolve(
         try:
             run = client.get_run(spec)
         except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise ResumeError(
+                    f"{key}={spec}: the MLflow store {redact_uri(tracking_uri)} does not answer "
+                    f"({str(e).strip().splitlines()[0][:200]}); check tracking.tracking_uri / "
+                    "MLFLOW_TRACKING_URI, or that the server is up."
+                ) from e
             raise ResumeError(
-                f"{key}={spec}: no such MLflow run in {tracking_uri}; check the id "
+                f"{key}={spec}: no such MLflow run in {redact_uri(tracking_uri)}; check the id "
                 "(`python -m xp ui` lists the runs) or MLFLOW_TRACKING_URI."
             ) from e
         experiment = client.get_experiment(run.info.experiment_id).name
@@ -382,7 +397,9 @@ def resolve_auto(*, tracking_uri: str, experiment_name: str | None, outputs: Pat
     client = _client(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        raise ResumeError(f"resume=auto: there is no experiment {name!r} in {tracking_uri}.")
+        raise ResumeError(
+            f"resume=auto: there is no experiment {name!r} in {redact_uri(tracking_uri)}."
+        )
     runs = client.search_runs(
         [experiment.experiment_id],
         filter_string="attributes.status != 'FINISHED'",

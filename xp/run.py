@@ -70,6 +70,7 @@ from xp.tracking import (
     default_tracking_uri,
     drop_early_writer,
     flatten_params,
+    redact_secrets,
 )
 from xp.trainer import Trainer, TrainingStopped, training_length
 
@@ -412,7 +413,9 @@ def build(cfg: DictConfig, log_dir: Path, timestamp: str | None = None) -> Built
             trainer=trainer,
             checkpoint=OmegaConf.to_object(cfg.checkpoint),  # type: ignore[arg-type]
             tracking=OmegaConf.to_object(cfg.tracking),  # type: ignore[arg-type]
-            config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+            # What is saved (config.yaml, every checkpoint) holds no password: a tracking
+            # URI's is the command's to give again (resume= keeps the command's tracking).
+            config_yaml=redact_secrets(OmegaConf.to_yaml(cfg, resolve=True)),
         )
     except BaseException:
         strategy.teardown()
@@ -650,10 +653,10 @@ def _run_status(settings: TrackingConfig, cfg: DictConfig, run_id: str | None) -
     if run_id is None:
         return "FINISHED"
     try:
-        from mlflow import MlflowClient
+        from xp.tracking import client
 
         uri = settings.tracking_uri or default_tracking_uri(launch_dir())
-        status = MlflowClient(uri).get_run(run_id).info.status
+        status = client(uri).get_run(run_id).info.status
     except Exception:  # the store is checked when the tracker starts; keep FINISHED here
         return "FINISHED"
     return status if status in ("FINISHED", "FAILED", "KILLED") else "FINISHED"

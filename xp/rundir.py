@@ -29,6 +29,8 @@ directories a user names in ``hydra.run.dir`` and ``hydra.sweep.dir``: an
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import re
 import sys
@@ -126,7 +128,26 @@ def claim(path: Path, *, named_by_timestamp: bool) -> Path:
     if named_by_timestamp and candidate != path and stamp and base == stamp:
         os.environ[TIMESTAMP_ENV] = candidate.name
     os.environ[ENV] = str(candidate)
+    atexit.register(_release_if_unused, candidate, os.getpid())
     return candidate
+
+
+def _release_if_unused(path: Path, claimer: int) -> None:
+    """At the claiming process's exit: a directory that got nothing but its claim file (the
+    launch stopped before Hydra wrote into it: a refused sweep, a config error) goes,
+    with the experiment folders above it that it leaves empty."""
+    if os.getpid() != claimer or not path.is_dir():  # a forked child exits too
+        return
+    if {p.name for p in path.iterdir()} - {CLAIM_FILE}:
+        return
+    (path / CLAIM_FILE).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.rmdir()
+        outputs = Path(os.environ.get("XP_LAUNCH_DIR") or os.getcwd()) / "outputs"
+        for parent in path.parents:
+            if parent == outputs or outputs not in parent.parents:
+                break
+            parent.rmdir()  # OSError once one is not empty
 
 
 def _check_name(path: Path) -> None:
@@ -187,6 +208,12 @@ class RunDirCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._claim(config, "hydra.sweep.dir")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # The sweep ended: its directory's claim file would read like a live run's lock.
+        claimed = os.environ.get(ENV)
+        if claimed and Path(claimed) == Path(str(config.hydra.sweep.dir)).absolute():
+            (Path(claimed) / CLAIM_FILE).unlink(missing_ok=True)
 
     def _claim(self, config: DictConfig, key: str) -> None:
         from xp.dist import dist_info, infer_launcher

@@ -47,7 +47,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from xp.log import say
-from xp.tracking import default_artifact_location, default_tracking_uri, flatten_params
+from xp.tracking import client, default_artifact_location, default_tracking_uri, flatten_params
 
 if TYPE_CHECKING:
     from xp.resume import ResumeTarget  # imports torch
@@ -977,14 +977,7 @@ def _sweep_params(overrides: Sequence[str], config: DictConfig) -> dict[str, str
     return flatten_params(params)
 
 
-def _client(uri: str) -> Any:
-    from mlflow import MlflowClient
-
-    if uri.lower().startswith(("http://", "https://")):
-        # Fail in seconds, not after MLflow's minutes of retries, when the server is down.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    return MlflowClient(uri)
+_client = client
 
 
 def _experiment_id(client: Any, uri: str, name: str) -> str:

@@ -50,6 +50,7 @@ __all__ = [
     "MlflowTracker",
     "TrackingError",
     "TrackingIncomplete",
+    "client",
     "default_artifact_location",
     "default_tracking_uri",
     "flatten_params",
@@ -226,6 +227,20 @@ def redact_secrets(text: str, environ: Mapping[str, str] | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- defaults
+
+
+def client(tracking_uri: str) -> Any:
+    """An ``MlflowClient`` for this process's own queries (resume, sweeps, compare).
+
+    Against a server it fails in seconds, not after MLflow's minutes of retries, when the
+    server does not answer (a value of ``MLFLOW_HTTP_REQUEST_*`` the user exported wins).
+    """
+    from mlflow import MlflowClient
+
+    if _is_http(tracking_uri):
+        for name, value in _HTTP_RETRY_ENV.items():
+            os.environ.setdefault(name, value)
+    return MlflowClient(tracking_uri)
 
 
 def default_tracking_uri(launch_dir: Path) -> str:
@@ -531,6 +546,8 @@ class MlflowTracker:
         self._last_error: str | None = None
         self._last_progress = time.monotonic()
         self._store_down = False  # warned about, until the writer reports it back
+        self._store_lock = threading.Lock()  # the sender and the receiver both change it
+        self._stalled = False  # the stall watch (not the writer) said the store is down
         self._writer_died = False
         self._gave_up = False
         self._result: TrackingIncomplete | None = None
@@ -925,6 +942,7 @@ class MlflowTracker:
             return
         waited_s = time.monotonic() - max(self._busy_since, self._last_progress)
         if waited_s > _STALL_WARN_S:
+            self._stalled = True
             self._store_down_changed(
                 False,
                 f"took no writes for {waited_s:.0f} s (it does not answer, or a large upload "
@@ -1000,8 +1018,12 @@ class MlflowTracker:
 
     def _store_down_changed(self, up: bool, reason: str) -> None:
         """One warning per outage, whoever notices it first (the writer, or the stall watch)."""
-        if not up and not self._store_down:
-            self._store_down = True
+        with self._store_lock:
+            changed = self._store_down is up
+            self._store_down = not up
+        if not changed:
+            return
+        if not up:
             self._log.warning(
                 "%s",
                 redact_secrets(
@@ -1011,8 +1033,7 @@ class MlflowTracker:
                     f"retries every {self.settings.flush_interval_s:g} s."
                 ),
             )
-        elif up and self._store_down:
-            self._store_down = False
+        else:
             self._log.info("MLflow store %s takes writes again.", self.shown_uri)
 
     def _receive_loop(self) -> None:
@@ -1031,6 +1052,9 @@ class MlflowTracker:
                         self._overflow_points,
                     ) = message[1:]
                     self._last_progress = time.monotonic()
+                    if self._stalled:  # the writer never saw an error: it says nothing
+                        self._stalled = False
+                        self._store_down_changed(True, "")
                 elif kind == "store":
                     self._store_down_changed(message[1], message[2])
                 elif kind == "log":

@@ -359,3 +359,21 @@ def test_a_run_whose_mlflow_writer_dies_exits_non_zero_and_resume_completes_it(
     assert run.info.status == "FINISHED"
     steps = [m.step for m in store.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == list(range(1, 501))  # every step once: 25 epochs of 20
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["resume=0123456789abcdef0123456789abcdef"], ["-m", "optim.lr=0.001,0.002"]],
+    ids=["run", "resume", "sweep"],
+)
+def test_a_tracking_uris_password_is_never_printed_or_written(
+    xp, workdir: Path, command: list[str]
+) -> None:
+    uri = f"http://alice:s3cret-pw@127.0.0.1:{free_port()}"
+    result = xp(*command, f"tracking.tracking_uri={uri}", "trainer.max_epochs=1")
+    assert result.returncode != 0
+    assert "alice:***@127.0.0.1" in result.stderr  # the URI is named, without its password
+    assert "s3cret-pw" not in result.stdout + result.stderr
+    for path in (workdir / "outputs").rglob("*"):
+        if path.is_file() and path.suffix != ".db":
+            assert b"s3cret-pw" not in path.read_bytes(), path

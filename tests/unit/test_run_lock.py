@@ -72,6 +72,14 @@ def test_the_lock_dies_with_its_process_not_with_its_forked_children(tmp_path: P
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_a_directory_no_process_trained_in_is_not_called_dead(tmp_path: Path) -> None:
+def test_a_lock_released_at_the_end_leaves_no_file_that_reads_like_a_live_run(
+    tmp_path: Path,
+) -> None:
+    lock = RunDirLock(tmp_path)
+    lock.acquire()
+    assert (tmp_path / LOCK_FILE).is_file()
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
     assert RunDirLock(tmp_path).holder() is None
-    assert not RunDirLock(tmp_path).dead()  # no lock file: nothing known about it
+    assert RunDirLock(tmp_path).dead()  # the run's process ended: nothing trains here
+    assert not RunDirLock(tmp_path / "gone").dead()  # no run directory: nothing to resume

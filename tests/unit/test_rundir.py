@@ -101,3 +101,20 @@ def test_experiment_names_that_are_not_folder_names_are_refused(name: str, why: 
 @pytest.mark.parametrize("name", ["default", "team/probe", "probe_1.2-x", "Ünïcode"])
 def test_plain_experiment_names_are_accepted(name: str) -> None:
     assert experiment_name_error(name) is None
+
+
+def test_a_claim_the_launch_never_used_is_removed_at_exit(tmp_path: Path) -> None:
+    """A launch refused after its claim (a sweep whose settings are wrong) leaves nothing."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys; from pathlib import Path; from xp.rundir import claim; "
+        "os.environ['XP_LAUNCH_DIR'] = sys.argv[1]; exp = Path(sys.argv[1]) / 'outputs' / 'exp'; "
+        "claim(exp / 'multirun' / 'x', named_by_timestamp=False); "
+        "used = claim(exp / 'used', named_by_timestamp=False); "
+        "(used / 'run.json').write_text('{}')"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
+    assert not (tmp_path / "outputs" / "exp" / "multirun").exists()
+    assert (tmp_path / "outputs" / "exp" / "used" / "run.json").is_file()
