@@ -50,6 +50,7 @@ __all__ = [
     "MlflowTracker",
     "TrackingError",
     "TrackingIncomplete",
+    "check_tracking_uri",
     "client",
     "default_artifact_location",
     "default_tracking_uri",
@@ -227,6 +228,35 @@ def redact_secrets(text: str, environ: Mapping[str, str] | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- defaults
+
+
+_STORE_SCHEMES = ("file", "sqlite", "http", "https", "postgresql", "postgres", "mysql", "mssql",
+                  "databricks", "databricks-uc", "uc")  # fmt: skip
+"""The schemes MLflow 3 has a tracking store for (a plugin may add more)."""
+
+
+def check_tracking_uri(tracking_uri: str) -> None:
+    """Fail at once, naming the fix, for a URI no MLflow store takes.
+
+    Raises:
+        TrackingError: its scheme is neither MLflow's nor a plugin's
+            (entry point group ``mlflow.tracking_store``).
+    """
+    scheme, sep, _ = tracking_uri.partition(":")
+    if not sep or not re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*$", scheme):
+        return  # a plain path: MLflow takes it as a file store
+    name = scheme.lower().split("+", 1)[0]  # postgresql+psycopg2
+    if name in _STORE_SCHEMES or len(scheme) == 1:  # C:\ on Windows
+        return
+    from importlib.metadata import entry_points
+
+    if name in {ep.name for ep in entry_points(group="mlflow.tracking_store")}:
+        return
+    raise TrackingError(
+        f"tracking.tracking_uri={redact_uri(tracking_uri)!r} has the scheme {scheme!r}, which "
+        "no MLflow store takes; use sqlite:///<path>/mlflow.db, http(s)://<server>:<port>, "
+        "postgresql://..., or unset it (and $MLFLOW_TRACKING_URI) for outputs/mlflow.db."
+    )
 
 
 def client(tracking_uri: str) -> Any:
@@ -1061,6 +1091,7 @@ class MlflowTracker:
                     self._log.log(message[1], "%s", redact_secrets(message[2]))
                 elif kind == "ready":
                     self._run_id = message[1]
+                    self._last_progress = time.monotonic()  # the stall watch starts here
                     self._ready.set()
                 elif kind == "failed":
                     self._fail(message[1], message[2])

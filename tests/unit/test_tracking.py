@@ -555,9 +555,11 @@ def test_server_that_stops_answering_ends_the_run_incomplete_within_close_timeou
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # SIGSTOP: the server accepts connections and never answers, so each request would
-    # hang for MLflow's own timeouts (minutes). Training goes on, one warning says so, and
-    # close() gives up after tracking.close_timeout_s with what is missing.
+    # hang for MLflow's own timeouts (minutes). Training goes on, one warning says so, the
+    # points arrive once it answers again; if it never does, close() gives up after
+    # tracking.close_timeout_s and says what is missing.
     monkeypatch.setattr(tracking, "_STALL_WARN_S", 1.0)
+    caplog.set_level(logging.INFO, logger=log.name)
     settings = TrackingConfig(flush_interval_s=0.05, close_timeout_s=2.0)
     with mlflow_server(mlflow_uri, tmp_path) as (uri, server):
         tracker = make_tracker(
@@ -579,10 +581,21 @@ def test_server_that_stops_answering_ends_the_run_incomplete_within_close_timeou
         try:
             for step in range(100, 150):
                 tracker.log_metrics({"train/loss": float(step)}, step=step)
-            tracker.set_tags({"xp.best_step": "120"})
             while "does not answer" not in caplog.text:
                 assert time.monotonic() < deadline, "the stalled store was not reported"
                 time.sleep(0.05)
+            # It answers again: the points it missed arrive.
+            os.killpg(server.pid, signal.SIGCONT)
+            while tracker.written_through_step < 149 or "takes writes again" not in caplog.text:
+                assert time.monotonic() < deadline, "the points did not arrive after the stall"
+                time.sleep(0.05)
+            assert caplog.text.count("does not answer") == 1
+
+            # It stops answering for good: close() gives up.
+            os.killpg(server.pid, signal.SIGSTOP)
+            for step in range(150, 200):
+                tracker.log_metrics({"train/loss": float(step)}, step=step)
+            tracker.set_tags({"xp.best_step": "170"})
             started = time.monotonic()
             with pytest.raises(TrackingIncomplete) as caught:
                 tracker.close()
@@ -592,18 +605,17 @@ def test_server_that_stops_answering_ends_the_run_incomplete_within_close_timeou
 
     assert waited_s < 30  # close_timeout_s and a grace, not minutes of MLflow retries
     error = caught.value
-    assert (error.missing_points, error.first_missing_step) == (50, 100)
+    assert (error.missing_points, error.first_missing_step) == (50, 150)
     assert error.missing_writes == ["tags ['xp.best_step']"]
     assert not error.status_recorded
     message = str(error)
-    assert "50 metric points (from step 100 on)" in message
+    assert "50 metric points (from step 150 on)" in message
     assert "still shows RUNNING there, not FINISHED" in message
     assert "tracking.close_timeout_s=2" in message
     assert f"run `python -m xp resume={tracker.run_id}` once the store answers again" in message
-    assert caplog.text.count("does not answer") == 1
     assert PASSWORD not in caplog.text + message + "".join(capfd.readouterr())
     client = MlflowClient(mlflow_uri)
-    assert history(client, tracker.run_id, "train/loss") == [(s, float(s)) for s in range(100)]
+    assert history(client, tracker.run_id, "train/loss") == [(s, float(s)) for s in range(150)]
     assert client.get_run(tracker.run_id).info.status == "RUNNING"
 
 
