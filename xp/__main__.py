@@ -216,11 +216,12 @@ def _resume_arguments(args: list[str]) -> list[str]:
     if spec is None:
         return args
     from xp.resume import ENV, TEST_ENV, ResumeError, resolve
-    from xp.tracking import default_tracking_uri
+    from xp.tracking import TrackingError, check_tracking_uri, default_tracking_uri
 
     launch = Path(os.environ["XP_LAUNCH_DIR"])
     uri = _value(args, "tracking.tracking_uri") or default_tracking_uri(launch)
     try:
+        check_tracking_uri(uri)
         target = resolve(
             spec,
             tracking_uri=uri,
@@ -228,7 +229,7 @@ def _resume_arguments(args: list[str]) -> list[str]:
             outputs=launch / "outputs",
             key=key,
         )
-    except ResumeError as e:
+    except (ResumeError, TrackingError) as e:
         say(f"xp: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     flags, overrides = _split_flags(args)

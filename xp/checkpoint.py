@@ -387,9 +387,9 @@ def load_file(path: Path, *, check: bool = True) -> dict[str, Any]:
             f"refused (torch.load(weights_only=True) said: {unpickling_refusal(e)}). Only load "
             "checkpoints you trust, re-saved as plain state dicts."
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # any file can be given: a text file fails deep in the unpickler
         raise CheckpointError(
-            f"Checkpoint {path} is corrupt or truncated ({type(e).__name__}: "
+            f"Checkpoint {path} is corrupt, truncated or not a checkpoint ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else 'no detail'}); use an earlier checkpoint "
             "from the same folder."
         ) from e

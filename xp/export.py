@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import torch
 
 from xp.checkpoint import COMPLETE_MARKER, Checkpointer, CheckpointError, atomic_save, load_file
+from xp.log import say
+from xp.resume import ResumeError
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -66,6 +69,19 @@ def export_model_state(path: Path) -> dict[str, torch.Tensor]:
     }
 
 
+def _checkpoint(spec: str) -> Path:
+    """``ckpt=``: a run id (as ``resume=`` takes), a run directory or a checkpoint."""
+    from xp.resume import RUN_ID, checkpoint_for_load
+    from xp.tracking import default_tracking_uri
+
+    if not RUN_ID.match(spec):
+        return Path(spec)
+    launch = Path(os.environ.get("XP_LAUNCH_DIR") or os.getcwd())
+    return checkpoint_for_load(
+        spec, tracking_uri=default_tracking_uri(launch), outputs=launch / "outputs", key="ckpt"
+    )
+
+
 def main(argv: list[str]) -> int:
     """``xp export ckpt=<checkpoint, folder or run dir> out=<file>``."""
     parser = argparse.ArgumentParser(prog="xp export", description=main.__doc__)
@@ -74,11 +90,11 @@ def main(argv: list[str]) -> int:
     values = dict(a.split("=", 1) for a in args.assignments if "=" in a)
     unknown = sorted(set(values) - {"ckpt", "out"}) + [a for a in args.assignments if "=" not in a]
     if unknown or "ckpt" not in values or "out" not in values:
-        parser.error("usage: xp export ckpt=<checkpoint or run dir> out=<file.pt>")
+        parser.error("usage: xp export ckpt=<run id | run dir | checkpoint> out=<file.pt>")
     try:
-        state = export_model_state(Path(values["ckpt"]))
-    except CheckpointError as e:
-        print(f"xp export: error: {e}", file=sys.stderr)
+        state = export_model_state(_checkpoint(values["ckpt"]))
+    except (CheckpointError, ResumeError) as e:
+        say(f"xp export: error: {e}", file=sys.stderr)
         return 1
     out = Path(values["out"])
     atomic_save(state, out, checksum=False)  # one file, as asked for

@@ -152,6 +152,18 @@ def stop_with_launcher() -> None:
         die_with(int(launcher), signal.SIGTERM)
 
 
+def port_error(port: int | None) -> str | None:
+    """Why ``strategy.master_port`` cannot be used, or None (null: a free port is picked)."""
+    if port is None:
+        return None
+    if not 1 <= port <= 65535:
+        return (
+            f"strategy.master_port={port} is not a TCP port (1 to 65535); pick one in that "
+            "range, or null for a free one."
+        )
+    return None
+
+
 def port_in_use(port: int) -> bool:
     """Whether something already listens on ``port`` on this machine."""
     import socket

@@ -34,6 +34,7 @@ from xp.rundir import TEST_ENV as TEST_ENV  # re-exported: xp.run and xp.__main_
 from xp.tracking import redact_uri
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_STEP_NAME = re.compile(r"^step_\d{8,}(\.pt)?$")
 ENV = RESUME_ENV
 """Carries the resolved target from ``xp.__main__`` to ``xp.run`` (and to workers)."""
 
@@ -172,10 +173,11 @@ def _lock_or_holder(fd: int) -> str | None:
     return None
 
 
-def _in_use(run_dir: Path, holder: str) -> str:
+def _in_use(run_dir: Path, holder: str, key: str = "resume") -> str:
+    then = "test it" if key == "test" else "resume"
     return (
         f"The run in {run_dir} is still training ({holder}); stop it first (Ctrl-C, or kill "
-        "-TERM that pid: it saves a checkpoint and stops), or wait for it to end, then resume."
+        f"-TERM that pid: it saves a checkpoint and stops), or wait for it to end, then {then}."
     )
 
 
@@ -270,10 +272,27 @@ def _from_path(path: Path, key: str = "resume") -> tuple[Path, Path]:
                 + "start it again instead."
             )
         return latest, path
+    in_a_run = path.parent.name == "checkpoints" and _STEP_NAME.match(path.name.lstrip("."))
+    if not in_a_run and key == "load_from" and path.is_file():
+        try:  # weights from anywhere (a checkpoint copied out of its run), if they load
+            verify(path)
+        except CheckpointCorrupt as e:
+            raise ResumeError(
+                f"load_from={path} is not a checkpoint xp can load ({e.reason}); give a run id, "
+                "a run directory or a checkpoint."
+            ) from e
+        return path, path.parent
+    if not in_a_run:
+        what = "a folder" if path.is_dir() else "a file"
+        raise ResumeError(
+            f"{key}={path} is {what} that is neither a run directory (with checkpoints/ or "
+            ".hydra/ in it) nor a checkpoint of one (<run dir>/checkpoints/step_NNNNNNNN.pt, or "
+            "a step_NNNNNNNN folder); give a run id, a run directory or a checkpoint."
+        )
     if not is_complete(path):
         raise ResumeError(
-            f"Checkpoint {path} is incomplete (its save was interrupted); resume from an earlier "
-            f"one in {path.parent}."
+            f"{key}={path}: the checkpoint is incomplete (its save was interrupted); give its "
+            f"run directory ({key}={path.parent.parent}) to use the newest complete one."
         )
     try:
         verify(path)
@@ -361,9 +380,10 @@ def resolve(
         )
     else:
         checkpoint, run_dir = _from_path(Path(spec), key)
-    holder = RunDirLock(run_dir).holder(wait_s=2.0) if key == "resume" else None
+    # test= of a live run is refused too: it would re-open the run's MLflow record and end it.
+    holder = RunDirLock(run_dir).holder(wait_s=2.0) if key in ("resume", "test") else None
     if holder is not None:
-        raise RunInUse(f"{key}={spec}: {_in_use(run_dir, holder)}")
+        raise RunInUse(f"{key}={spec}: {_in_use(run_dir, holder, key)}")
     try:
         meta = _meta(checkpoint, run_dir)
     except CheckpointError as e:
@@ -429,13 +449,15 @@ def resolve_auto(*, tracking_uri: str, experiment_name: str | None, outputs: Pat
     )
 
 
-def checkpoint_for_load(spec: str, *, tracking_uri: str, outputs: Path) -> Path:
-    """``load_from=<run id | run dir | checkpoint>``: the checkpoint whose weights to load."""
+def checkpoint_for_load(
+    spec: str, *, tracking_uri: str, outputs: Path, key: str = "load_from"
+) -> Path:
+    """``load_from=<run id | run dir | checkpoint>``: the checkpoint whose weights to load
+    (``key`` names the argument in errors: ``xp export ckpt=`` resolves the same way)."""
     if RUN_ID.match(spec):
-        return Path(
-            resolve(
-                spec, tracking_uri=tracking_uri, experiment_name=None, outputs=outputs
-            ).checkpoint
+        target = resolve(
+            spec, tracking_uri=tracking_uri, experiment_name=None, outputs=outputs, key=key
         )
-    checkpoint, _ = _from_path(Path(spec), key="load_from")
+        return Path(target.checkpoint)
+    checkpoint, _ = _from_path(Path(spec), key="load_from" if key == "ckpt" else key)
     return checkpoint

@@ -44,7 +44,7 @@ from xp.config import (
 from xp.data import Datasets, EpochLoader
 from xp.dist import dist_info, infer_launcher
 from xp.env import git_info
-from xp.launch import launch_workers, port_in_use
+from xp.launch import launch_workers, port_error, port_in_use
 from xp.log import close_logger, say
 from xp.optim import OptimSpec
 from xp.restore import plain, restore_config
@@ -467,6 +467,8 @@ def run(cfg: DictConfig) -> float | None:
     started = False
     try:
         lock = _hold_run_dir(log_dir)
+        # What load_from= names is checked before anything is built: one error line.
+        weights = _load_from(cfg) if cfg.load_from and target is None else None
         with _in_launch_dir():  # relative paths in the config: from where the command ran
             built = build(cfg, log_dir, _timestamp(target))
         strategy = built.strategy
@@ -476,8 +478,8 @@ def run(cfg: DictConfig) -> float | None:
         if target is not None:
             resumed = strategy.resume(Path(target.checkpoint))
             trainer.load_state(resumed)
-        elif cfg.load_from:
-            strategy.load_checkpoint(_load_from(cfg), strict=cfg.load_from_strict)
+        elif weights is not None:
+            strategy.load_checkpoint(weights, strict=cfg.load_from_strict)
         env = _write_run_files(strategy, built.config_yaml, facts)
         tracker = build_tracker(cfg, strategy, built.tracking, target, env)
         if tracker is not None:
@@ -770,14 +772,16 @@ def _run_workers(cfg: DictConfig, log_dir: Path, nproc: int, created_here: bool)
         )
         raise SystemExit(1)
     port = cfg.strategy.get("master_port")
-    if port is not None and port_in_use(int(port)):
+    error = port_error(port)
+    if error is None and port is not None and port_in_use(int(port)):
+        error = (
+            f"strategy.master_port={port} is already in use on this machine; pick another "
+            "port, or null for a free one."
+        )
+    if error is not None:
         if created_here:
             _remove_half_made_run_dir(log_dir)
-        say(
-            f"xp: error: strategy.master_port={port} is already in use on this machine; pick "
-            "another port, or null for a free one.",
-            file=sys.stderr,
-        )
+        say(f"xp: error: {error}", file=sys.stderr)
         raise SystemExit(1)
     from xp.sweep import worker_launch
 

@@ -230,6 +230,7 @@ class RunDirCallback(Callback):
             error = experiment_name_error(str(config.experiment_name))
             if error is not None:
                 raise RunDirError(error)
+            _check_tracking(config)
             path, by_timestamp = _resolved(config, key)
             if _inherits_claim(path):
                 return
@@ -242,6 +243,21 @@ class RunDirCallback(Callback):
             say(f"xp: error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
         share_claim(os.environ.get(TIMESTAMP_ENV) or claimed.name)
+
+
+def _check_tracking(config: DictConfig) -> None:
+    """A tracking URI no MLflow store takes fails before a directory is made."""
+    from xp.tracking import TrackingError, check_tracking_uri
+
+    tracking = config.get("tracking")
+    if tracking is None or not tracking.get("enabled", True):
+        return
+    uri = tracking.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    try:
+        if uri:
+            check_tracking_uri(str(uri))
+    except TrackingError as e:
+        raise RunDirError(str(e)) from None
 
 
 def _inherits_claim(path: Path) -> bool:

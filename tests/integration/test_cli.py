@@ -377,3 +377,64 @@ def test_a_tracking_uris_password_is_never_printed_or_written(
     for path in (workdir / "outputs").rglob("*"):
         if path.is_file() and path.suffix != ".db":
             assert b"s3cret-pw" not in path.read_bytes(), path
+
+
+BAD_INPUTS = {
+    "a text file to resume=": (["resume=notes.txt"], "neither a run directory"),
+    "a folder to resume=": (["resume=somewhere"], "neither a run directory"),
+    "/etc/passwd to resume=": (["resume=/etc/passwd"], "neither a run directory"),
+    "/etc/passwd to load_from=": (["load_from=/etc/passwd"], "not a checkpoint xp can load"),
+    "/etc/passwd to export": (["export", "ckpt=/etc/passwd", "out=x.pt"], "/etc/passwd"),
+    "an empty resume=": (["resume="], "resume= has no value"),
+    "a port out of range": (["strategy=ddp", "strategy.master_port=99999"], "master_port=99999"),
+    "a port out of range, self-launched": (
+        ["strategy=ddp", "strategy.nproc_per_node=2", "strategy.master_port=99999"],
+        "master_port=99999",
+    ),
+    "a 300-character experiment name": (["experiment_name=" + "x" * 300], "300 characters"),
+    "a tracking URI no store takes": (["tracking.tracking_uri=bogus://x"], "scheme 'bogus'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_that_names_it_and_leaves_no_run_directory(
+    xp, workdir: Path, case: str
+) -> None:
+    (workdir / "notes.txt").write_text("not a checkpoint\n")
+    (workdir / "somewhere").mkdir()
+    args, named = BAD_INPUTS[case]
+    result = xp(*args) if args[0] == "export" else xp(*args, "trainer.max_epochs=1")
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [
+        line for line in result.stderr.splitlines() if line.startswith("xp") and "error:" in line
+    ]
+    assert len(errors) == 1 and named in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and " ERROR " not in result.stderr
+    assert sorted(p.name for p in (workdir / "outputs").iterdir()) == ["mlflow.db"]
+
+
+def test_test_of_a_run_still_training_is_refused_and_export_takes_a_run_id(
+    xp, workdir: Path, store
+) -> None:
+    from tests.unit.test_run_lock import hold
+
+    first = xp("trainer.max_epochs=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir,) = run_dirs(workdir)
+    run_id = only_run(store).info.run_id
+
+    exported = xp("export", f"ckpt={run_id}", "out=model.pt")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "head.weight" in torch.load(workdir / "model.pt", weights_only=True)
+
+    holder = hold(run_dir)  # as a process training there would
+    try:
+        for command in (f"test={run_id}", f"test={run_dir}"):
+            result = xp(command)
+            assert result.returncode == 1
+            assert f"is still training (pid {holder.pid} on" in result.stderr
+            assert "then test it" in result.stderr and "Traceback" not in result.stderr
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert only_run(store).info.status == "FINISHED"

@@ -16,6 +16,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from xp.config import Backend, Device, Launcher
+from xp.launch import port_error
 from xp.strategy.base import Strategy
 
 _collect_at_exit = False
@@ -50,6 +51,9 @@ class DistributedStrategy(Strategy):
                 f"strategy.nproc_per_node={nproc_per_node} must be >= 1 (the number of worker "
                 "processes on this machine)."
             )
+        bad_port = port_error(master_port)
+        if bad_port is not None:
+            raise ValueError(bad_port)
         if device is Device.cuda and not torch.cuda.is_available():
             raise ValueError(
                 "strategy.device=cuda, but CUDA is not available here; use strategy.device=cpu "
