@@ -1,7 +1,7 @@
 """xp's side of the step and logging cases: ``Trainer.fit`` on objects built as ``xp.run`` does.
 
-Composes ``conf/`` with the given overrides, builds everything with ``xp.run.build`` and
-``xp.run.build_tracker`` (MLflow on, into ``<launch>/outputs/mlflow.db``), waits until
+Composes ``conf/`` with the given overrides, builds everything with ``xp.build.build`` and
+``xp.build.build_tracker`` (MLflow on, into ``<launch>/outputs/mlflow.db``), waits until
 the MLflow run exists, then trains. Waiting keeps MLflow's start-up (seconds of imports
 in a background thread) out of the steady state; the start-up case measures it.
 
@@ -62,13 +62,14 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from xp.__main__ import CONF_DIR, _register_resolvers
+    from xp.__main__ import CONF_DIR
+    from xp.build import build, build_tracker, build_trainer
     from xp.config import register_schemas
-    from xp.run import build, build_tracker, build_trainer
+    from xp.rundir import register_resolvers
 
     os.environ["XP_LAUNCH_DIR"] = str(args.launch)
     os.environ["XP_TIMESTAMP"] = f"bench_{os.getpid()}"
-    _register_resolvers()
+    register_resolvers()
     register_schemas()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*args.overrides, f"trainer.max_steps={args.steps}"])

@@ -72,31 +72,6 @@ def _rank() -> int:
     return dist_info(infer_launcher()).rank
 
 
-def _launch_timestamp() -> str:
-    """``${xp_timestamp:}``: the launch's timestamp; on ranks other than 0, rank 0's (it
-    claims the run directory first: xp.rundir, xp.launch)."""
-    if not os.environ.get("XP_TIMESTAMP"):
-        from xp.launch import receive_claim
-
-        os.environ["XP_TIMESTAMP"] = receive_claim()
-    return os.environ["XP_TIMESTAMP"]
-
-
-def _register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("xp_timestamp"):
-        OmegaConf.register_new_resolver("xp_timestamp", _launch_timestamp)
-    if not OmegaConf.has_resolver("xp_outputs"):
-        OmegaConf.register_new_resolver(
-            "xp_outputs", lambda: str(Path(os.environ["XP_LAUNCH_DIR"]) / "outputs")
-        )
-    if not OmegaConf.has_resolver("xp_job_dir"):
-        from xp.sweep import job_dir_name  # a sweep's job folder (hydra.sweep.subdir)
-
-        OmegaConf.register_new_resolver("xp_job_dir", job_dir_name)
-
-
 def _ui(argv: list[str]) -> int:
     """``xp ui``: the MLflow UI on 127.0.0.1, on the store the runs were written to."""
     parser = argparse.ArgumentParser(prog="xp ui", description=_ui.__doc__)
@@ -216,6 +191,7 @@ def _resume_arguments(args: list[str]) -> list[str]:
     if spec is None:
         return args
     from xp.resume import ENV, TEST_ENV, ResumeError, resolve
+    from xp.rundir import RunDirError
     from xp.tracking import TrackingError, check_tracking_uri, default_tracking_uri
 
     launch = Path(os.environ["XP_LAUNCH_DIR"])
@@ -229,7 +205,7 @@ def _resume_arguments(args: list[str]) -> list[str]:
             outputs=launch / "outputs",
             key=key,
         )
-    except (ResumeError, TrackingError) as e:
+    except (ResumeError, RunDirError, TrackingError) as e:
         say(f"xp: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     flags, overrides = _split_flags(args)
@@ -319,16 +295,21 @@ def _prepare_training(tracked: bool, composed_fd: int) -> None:
 
         # It imports mlflow on the other core once the parent has composed.
         start_early_writer(after_fd=composed_fd)
-    _register_resolvers()
+    from xp.rundir import register_resolvers
+
+    register_resolvers()
     import torch._dynamo  # noqa: F401  (torch.optim's first optimizer imports it anyway)
 
     import xp.run  # noqa: F401
 
 
 def _run_task(cfg: Any) -> float | None:
-    from xp.sweep import run_task  # imports hydra: not before the fork
+    """Hydra's job: the run (xp.run); in a sweep, a failed job does not end the sweep."""
+    from xp.run import run  # imports hydra and torch: not before the fork
+    from xp.sweep import job_errors
 
-    return run_task(cfg)
+    with job_errors():
+        return run(cfg)
 
 
 def _skip_mode_compose(args: list[str]) -> None:
@@ -371,6 +352,7 @@ def _hide_schema_groups() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``xp`` command; returns its exit status."""
+    os.environ.setdefault("XP_START_MS", str(int(time.time() * 1000)))  # the run's start
     args = _strip_legacy_local_rank(list(sys.argv[1:] if argv is None else argv))
     from xp.launch import stop_with_launcher
 
@@ -400,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     import hydra
 
     from xp.config import register_schemas
+    from xp.rundir import register_resolvers
 
-    _register_resolvers()
+    register_resolvers()
     register_schemas()
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

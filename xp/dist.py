@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 from dataclasses import dataclass
 from enum import Enum
 
@@ -83,3 +85,72 @@ def dist_info(
         world_size=int(env[keys[2]]),
         local_world_size=int(local_world) if local_world.isdigit() else 1,
     )
+
+
+def export_launcher_env(launcher: Launcher, master_port: int | None) -> None:
+    """Give torch's env:// rendezvous the variables that srun or mpirun set under other names."""
+    env = os.environ
+    if launcher is Launcher.slurm:
+        env.setdefault("RANK", env["SLURM_PROCID"])
+        env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = first_slurm_host(env["SLURM_NODELIST"])
+        # Every task of the job derives the same port from the job id (mmengine does too).
+        env.setdefault("MASTER_PORT", str(master_port or 20000 + int(env["SLURM_JOB_ID"]) % 10000))
+    elif launcher is Launcher.mpi:
+        env.setdefault("RANK", env["OMPI_COMM_WORLD_RANK"])
+        env.setdefault("WORLD_SIZE", env["OMPI_COMM_WORLD_SIZE"])
+        env.setdefault("LOCAL_RANK", env["OMPI_COMM_WORLD_LOCAL_RANK"])
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(master_port or 29500))
+
+
+def first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+        return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        # "node[01-04],gpu7" -> "node01": good enough where scontrol is missing.
+        head = nodelist.split(",")[0]
+        if "[" in head:
+            prefix, rest = head.split("[", 1)
+            return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+        return head
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_error(port: int | None) -> str | None:
+    """Why ``strategy.master_port`` cannot be used, or None (null: a free port is picked)."""
+    if port is None:
+        return None
+    if not 1 <= port <= 65535:
+        return (
+            f"strategy.master_port={port} is not a TCP port (1 to 65535); pick one in that "
+            "range, or null for a free one."
+        )
+    return None
+
+
+def port_in_use(port: int) -> bool:
+    """Whether something already listens on ``port`` on this machine."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False

@@ -9,80 +9,61 @@ engine of torchrun; they inherit the claim.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import uuid
-from datetime import timedelta
-from typing import Any
+from pathlib import Path
 
-from xp.dist import Launcher, dist_info, infer_launcher
+from xp.dist import (
+    free_port,
+    port_error,
+    port_in_use,
+)
 from xp.log import say
 
 LAUNCHER_ENV = "XP_LAUNCHER_PID"
 """Set for the workers of xp's own launcher: the pid they live and die with."""
-_PR_SET_PDEATHSIG = 1
-_KEY = "xp/run_dir"
-_REFUSED = "!refused"
-_STORE: Any = None
-"""The launch's store, kept for the life of the process: for srun and mpirun rank 0 hosts
-it, and the other ranks may read from it after rank 0 has moved on."""
 
 
-def _shared_store(timeout_s: float) -> tuple[Any, str] | None:
-    """The store every rank of this launch reaches, and the key for this launch; None for
-    one process."""
-    global _STORE
-    launcher = infer_launcher()
-    if launcher is Launcher.none:
-        return None
-    info = dist_info(launcher)
-    if info.world_size == 1:
-        return None
-    import torch.distributed as dist
+def run_workers(run_dir: Path, nproc: int, port: int | None, objective: str) -> float | None:
+    """Start ``nproc`` workers of this same command; they train and write the run.
 
-    from xp.strategy.distributed import _export_launcher_env
+    Returns:
+        The run's ``objective`` from its final metrics (``metrics.json``), for sweepers.
 
-    _export_launcher_env(launcher, None)
-    env = os.environ
-    timeout = timedelta(seconds=timeout_s)
-    host, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun's workers share their agent's store; a restart is a new launch.
-        attempt = (
-            f"{env.get('TORCHELASTIC_RUN_ID', '')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        )
-        if _STORE is None:
-            _STORE = dist.TCPStore(host, port, is_master=False, timeout=timeout)
-        return _STORE, f"{_KEY}/{attempt}"
-    if _STORE is None:
-        _STORE = dist.TCPStore(
-            host, port + 1, info.world_size, is_master=info.rank == 0, timeout=timeout
-        )
-    return _STORE, _KEY
-
-
-def share_claim(timestamp: str | None, timeout_s: float = 300.0) -> None:
-    """Rank 0: tell the other ranks the timestamp of the directory it claimed, or (None)
-    that it refused to start; nothing to do for one process."""
-    shared = _shared_store(timeout_s)
-    if shared is not None:
-        store, key = shared
-        store.set(key, _REFUSED if timestamp is None else timestamp)
-
-
-def receive_claim(timeout_s: float = 300.0) -> str:
-    """The other ranks: wait for rank 0's claim; its timestamp.
-
-    Exits with status 1 when rank 0 refused the run (it printed why).
+    Raises:
+        SystemExit: bad settings (one error line), or the workers' failure status.
     """
-    shared = _shared_store(timeout_s)
-    if shared is None:
-        raise RuntimeError("receive_claim() is for ranks other than 0 of a launch")
-    store, key = shared
-    value = store.get(key).decode()
-    if value == _REFUSED:
+    from xp.rundir import discard, holds_no_run
+    from xp.sweep import worker_launch
+
+    error = port_error(port)
+    if nproc < 1:
+        error = (
+            f"strategy.nproc_per_node={nproc} must be >= 1 (the number of worker processes "
+            "on this machine)."
+        )
+    elif error is None and port is not None and port_in_use(port):
+        error = (
+            f"strategy.master_port={port} is already in use on this machine; pick another "
+            "port, or null for a free one."
+        )
+    if error is not None:
+        discard(run_dir)
+        say(f"xp: error: {error}", file=sys.stderr)
         raise SystemExit(1)
-    return value
+    # A sweep's job gives its workers its own overrides and directory, not the whole sweep.
+    with worker_launch(run_dir, nproc) as argv:
+        status = launch_workers(nproc, port, argv)
+    if status != 0:
+        if holds_no_run(run_dir):
+            discard(run_dir)
+        raise SystemExit(status)
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    value = metrics.get(objective)
+    return None if value is None else float(value)
 
 
 def launch_workers(nproc_per_node: int, master_port: int | None, argv: list[str]) -> int:
@@ -94,8 +75,6 @@ def launch_workers(nproc_per_node: int, master_port: int | None, argv: list[str]
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from xp.strategy.distributed import free_port
 
     port = master_port or free_port()
     config = LaunchConfig(
@@ -126,18 +105,6 @@ def launch_workers(nproc_per_node: int, master_port: int | None, argv: list[str]
     return 0
 
 
-def die_with(parent: int, signum: int) -> None:
-    """Have the kernel send ``signum`` to this process when ``parent`` dies (Linux)."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
-    if os.getppid() != parent:  # it died before the line above
-        os._exit(1)
-
-
 def stop_with_launcher() -> None:
     """In a worker of xp's own launcher: stop when the launcher dies (``kill -9`` of it).
 
@@ -149,28 +116,6 @@ def stop_with_launcher() -> None:
     if launcher.isdigit() and "LOCAL_RANK" in os.environ:
         import signal
 
+        from xp.prefork import die_with
+
         die_with(int(launcher), signal.SIGTERM)
-
-
-def port_error(port: int | None) -> str | None:
-    """Why ``strategy.master_port`` cannot be used, or None (null: a free port is picked)."""
-    if port is None:
-        return None
-    if not 1 <= port <= 65535:
-        return (
-            f"strategy.master_port={port} is not a TCP port (1 to 65535); pick one in that "
-            "range, or null for a free one."
-        )
-    return None
-
-
-def port_in_use(port: int) -> bool:
-    """Whether something already listens on ``port`` on this machine."""
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("", port))
-        except OSError:
-            return True
-    return False

@@ -34,7 +34,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from xp.launch import die_with
 from xp.log import say
 
 ENV = "XP_FORK"
@@ -44,6 +43,21 @@ _STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _FORWARDED_AS = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1,
                  signal.SIGINT: signal.SIGTERM}  # fmt: skip
 _SI_KERNEL = 0x80  # si_code of a signal the kernel sent: a terminal's Ctrl-C
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with(parent: int, signum: int) -> None:
+    """Have the kernel send ``signum`` to this process when ``parent`` dies (Linux)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
 
 
 _COMMAND_PID: int | None = None

@@ -7,15 +7,12 @@ resumed run composes into its own run directory, from the config it was trained 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +26,7 @@ from xp.checkpoint import (
     verify,
 )
 from xp.log import say
-from xp.rundir import CLAIM_FILE, RESUME_ENV
+from xp.rundir import RESUME_ENV, RunDirLock, RunInUse, in_use
 from xp.rundir import TEST_ENV as TEST_ENV  # re-exported: xp.run and xp.__main__ read it here
 from xp.tracking import redact_uri
 
@@ -41,10 +38,6 @@ ENV = RESUME_ENV
 
 class ResumeError(ValueError):
     """What was given to resume= or load_from= cannot be used; says what to do."""
-
-
-class RunInUse(ResumeError):
-    """The run is still training in a live process."""
 
 
 @dataclass(frozen=True)
@@ -79,106 +72,6 @@ class ResumeTarget:
         fields["config_dirs"] = tuple(fields.get("config_dirs", ()))
         fields["overrides"] = tuple(fields.get("overrides", ()))
         return cls(**fields)
-
-
-LOCK_FILE = CLAIM_FILE
-"""In a run directory: locked by the process that trains the run, while it runs."""
-
-
-class RunDirLock:
-    """Who trains in a run directory: a lock its training process holds until it ends.
-
-    A run killed hard (``kill -9``, a lost node) leaves its MLflow status at RUNNING; the
-    lock, released by the kernel when the process dies, tells it apart from a live run, so
-    ``resume=`` refuses a run that is still training and ``resume=auto`` and re-run sweeps
-    pick up the dead ones. POSIX record locks (``lockf``): forked children (DataLoader
-    workers) do not inherit them, and NFS honours them.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Hold the lock.
-
-        Raises:
-            RunInUse: another live process holds it.
-        """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        holder = _lock_or_holder(fd)
-        if holder is not None:
-            os.close(fd)
-            raise RunInUse(_in_use(self.path.parent, holder))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{_who()}\n".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        """Let go: the lock file goes too, so a run that ended reads as no live run.
-
-        Removed while still held, so no other process can take a lock on it meanwhile;
-        only a process that dies without getting here (``kill -9``) leaves it, free.
-        """
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            os.close(fd)  # closing releases the lock
-
-    def holder(self, wait_s: float = 0.0) -> str | None:
-        """The live process that holds the lock ("pid N on HOST"), or None.
-
-        ``wait_s`` gives a holder that is being killed time to go: ``kill -9`` of
-        ``python -m xp`` kills its training process (:mod:`xp.prefork`) a moment later.
-        Not for a directory this process holds: closing the probe would release it.
-        """
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR)
-            except OSError:  # no lock file: no xp process has trained here since it was added
-                return None
-            try:
-                holder = _lock_or_holder(fd)
-            finally:
-                os.close(fd)  # releases the probe's lock, if it got it
-            if holder is None or time.monotonic() >= deadline:
-                return holder
-            time.sleep(0.05)
-
-    def dead(self) -> bool:
-        """Whether no process trains here now (the lock file is free, or gone because the
-        run's process ended) in a run directory that exists."""
-        return self.path.parent.is_dir() and self.holder() is None
-
-
-def _who() -> str:
-    """This process as a lock holder: "pid N on HOST", N being the command a user started."""
-    from xp.prefork import command_pid
-
-    command = command_pid()
-    if command is None:
-        return f"pid {os.getpid()} on {socket.gethostname()}"
-    return f"pid {command} on {socket.gethostname()}, training in pid {os.getpid()}"
-
-
-def _lock_or_holder(fd: int) -> str | None:
-    """Lock the open lock file; None when locked, else who holds it ("pid N on HOST")."""
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
-    return None
-
-
-def _in_use(run_dir: Path, holder: str, key: str = "resume") -> str:
-    then = "test it" if key == "test" else "resume"
-    return (
-        f"The run in {run_dir} is still training ({holder}); stop it first (Ctrl-C, or kill "
-        f"-TERM that pid: it saves a checkpoint and stops), or wait for it to end, then {then}."
-    )
 
 
 def _client(tracking_uri: str) -> Any:
@@ -383,7 +276,7 @@ def resolve(
     # test= of a live run is refused too: it would re-open the run's MLflow record and end it.
     holder = RunDirLock(run_dir).holder(wait_s=2.0) if key in ("resume", "test") else None
     if holder is not None:
-        raise RunInUse(f"{key}={spec}: {_in_use(run_dir, holder, key)}")
+        raise RunInUse(f"{key}={spec}: {in_use(run_dir, holder, key)}")
     try:
         meta = _meta(checkpoint, run_dir)
     except CheckpointError as e:

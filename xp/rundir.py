@@ -31,15 +31,23 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
+import hashlib
 import os
 import re
+import shutil
+import socket
 import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from xp.dist import Launcher, dist_info, export_launcher_env, infer_launcher
 from xp.log import say
 
 ENV = "XP_RUN_DIR"
@@ -59,6 +67,110 @@ _EXPERIMENT_PART = re.compile(r"^[^\x00-\x1f/\\]+$")
 
 class RunDirError(ValueError):
     """The run directory cannot be claimed; says why and what to do."""
+
+
+class RunInUse(RunDirError):
+    """The run is still training in a live process."""
+
+
+LOCK_FILE = CLAIM_FILE
+"""In a run directory: locked by the process that trains the run, while it runs."""
+
+
+class RunDirLock:
+    """Who trains in a run directory: a lock its training process holds until it ends.
+
+    A run killed hard (``kill -9``, a lost node) leaves its MLflow status at RUNNING; the
+    lock, released by the kernel when the process dies, tells it apart from a live run, so
+    ``resume=`` refuses a run that is still training and ``resume=auto`` and re-run sweeps
+    pick up the dead ones. POSIX record locks (``lockf``): forked children (DataLoader
+    workers) do not inherit them, and NFS honours them.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Hold the lock.
+
+        Raises:
+            RunInUse: another live process holds it.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        holder = _lock_or_holder(fd)
+        if holder is not None:
+            os.close(fd)
+            raise RunInUse(in_use(self.path.parent, holder))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{_who()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let go: the lock file goes too, so a run that ended reads as no live run.
+
+        Removed while still held, so no other process can take a lock on it meanwhile;
+        only a process that dies without getting here (``kill -9``) leaves it, free.
+        """
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            os.close(fd)  # closing releases the lock
+
+    def holder(self, wait_s: float = 0.0) -> str | None:
+        """The live process that holds the lock ("pid N on HOST"), or None.
+
+        ``wait_s`` gives a holder that is being killed time to go: ``kill -9`` of
+        ``python -m xp`` kills its training process (:mod:`xp.prefork`) a moment later.
+        Not for a directory this process holds: closing the probe would release it.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR)
+            except OSError:  # no lock file: no xp process has trained here since it was added
+                return None
+            try:
+                holder = _lock_or_holder(fd)
+            finally:
+                os.close(fd)  # releases the probe's lock, if it got it
+            if holder is None or time.monotonic() >= deadline:
+                return holder
+            time.sleep(0.05)
+
+    def dead(self) -> bool:
+        """Whether no process trains here now (the lock file is free, or gone because the
+        run's process ended) in a run directory that exists."""
+        return self.path.parent.is_dir() and self.holder() is None
+
+
+def _who() -> str:
+    """This process as a lock holder: "pid N on HOST", N being the command a user started."""
+    from xp.prefork import command_pid
+
+    command = command_pid()
+    if command is None:
+        return f"pid {os.getpid()} on {socket.gethostname()}"
+    return f"pid {command} on {socket.gethostname()}, training in pid {os.getpid()}"
+
+
+def _lock_or_holder(fd: int) -> str | None:
+    """Lock the open lock file; None when locked, else who holds it ("pid N on HOST")."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+    return None
+
+
+def in_use(run_dir: Path, holder: str, key: str = "resume") -> str:
+    then = "test it" if key == "test" else "resume"
+    return (
+        f"The run in {run_dir} is still training ({holder}); stop it first (Ctrl-C, or kill "
+        f"-TERM that pid: it saves a checkpoint and stops), or wait for it to end, then {then}."
+    )
 
 
 def experiment_name_error(name: str) -> str | None:
@@ -84,6 +196,47 @@ def experiment_name_error(name: str) -> str | None:
     if not all(_EXPERIMENT_PART.match(p) for p in parts):
         return f"experiment_name={name!r} holds control characters or '\\'; {fix}."
     return None
+
+
+def launch_dir() -> Path:
+    """The directory the command was started in (fixed at start by ``xp.__main__``)."""
+    return Path(os.environ.get("XP_LAUNCH_DIR") or os.getcwd()).resolve()
+
+
+@contextlib.contextmanager
+def in_launch_dir() -> Iterator[None]:
+    """Work in the directory the command was started in, then go back.
+
+    With ``hydra.job.chdir=true`` a run works in its run directory, but every path a user
+    gives (a dataset's root, a tokenizer file) is relative to where the command ran: the
+    run's parts are built from there.
+    """
+    here = os.getcwd()
+    os.chdir(launch_dir())
+    try:
+        yield
+    finally:
+        os.chdir(here)
+
+
+def holds_no_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds nothing but what the launch made before training (its
+    claim file and Hydra's ``.hydra/``)."""
+    return run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", CLAIM_FILE}
+
+
+def discard(run_dir: Path) -> None:
+    """Remove the directory of a run that failed before it trained (its error is printed),
+    and its experiment folder if that is left empty; only a directory this launch claimed."""
+    if not claimed_here(run_dir):
+        return
+    from xp.log import close_logger
+
+    close_logger()  # its log file is in there
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    if parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
 
 
 def claimed_here(run_dir: Path) -> bool:
@@ -172,8 +325,6 @@ def _claim_one(path: Path) -> bool:
 
 
 def _taken(path: Path) -> str:
-    from xp.resume import RunDirLock
-
     holder = RunDirLock(path).holder()
     if holder is not None:
         return (
@@ -216,9 +367,6 @@ class RunDirCallback(Callback):
             (Path(claimed) / CLAIM_FILE).unlink(missing_ok=True)
 
     def _claim(self, config: DictConfig, key: str) -> None:
-        from xp.dist import dist_info, infer_launcher
-        from xp.launch import receive_claim, share_claim
-
         rank = dist_info(infer_launcher()).rank
         if rank != 0:
             # Rank 0 claims for the launch; the others take its timestamp (xp.launch).
@@ -275,3 +423,119 @@ def _check_inside(path: Path, outputs: Path) -> None:
             f"the run directory {resolved} is outside {outputs}; check experiment_name, or name "
             "the directory yourself with hydra.run.dir=..."
         )
+
+
+# --------------------------------------------------------------------------- every rank
+
+_KEY = "xp/run_dir"
+_REFUSED = "!refused"
+_STORE: Any = None
+"""The launch's store, kept for the life of the process: for srun and mpirun rank 0 hosts
+it, and the other ranks may read from it after rank 0 has moved on."""
+
+
+def _shared_store(timeout_s: float) -> tuple[Any, str] | None:
+    """The store every rank of this launch reaches, and the key for this launch; None for
+    one process."""
+    global _STORE
+    launcher = infer_launcher()
+    if launcher is Launcher.none:
+        return None
+    info = dist_info(launcher)
+    if info.world_size == 1:
+        return None
+    import torch.distributed as dist
+
+    export_launcher_env(launcher, None)
+    env = os.environ
+    timeout = timedelta(seconds=timeout_s)
+    host, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's workers share their agent's store; a restart is a new launch.
+        attempt = (
+            f"{env.get('TORCHELASTIC_RUN_ID', '')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        )
+        if _STORE is None:
+            _STORE = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+        return _STORE, f"{_KEY}/{attempt}"
+    if _STORE is None:
+        _STORE = dist.TCPStore(
+            host, port + 1, info.world_size, is_master=info.rank == 0, timeout=timeout
+        )
+    return _STORE, _KEY
+
+
+def share_claim(timestamp: str | None, timeout_s: float = 300.0) -> None:
+    """Rank 0: tell the other ranks the timestamp of the directory it claimed, or (None)
+    that it refused to start; nothing to do for one process."""
+    shared = _shared_store(timeout_s)
+    if shared is not None:
+        store, key = shared
+        store.set(key, _REFUSED if timestamp is None else timestamp)
+
+
+def receive_claim(timeout_s: float = 300.0) -> str:
+    """The other ranks: wait for rank 0's claim; its timestamp.
+
+    Exits with status 1 when rank 0 refused the run (it printed why).
+    """
+    shared = _shared_store(timeout_s)
+    if shared is None:
+        raise RuntimeError("receive_claim() is for ranks other than 0 of a launch")
+    store, key = shared
+    value = store.get(key).decode()
+    if value == _REFUSED:
+        raise SystemExit(1)
+    return value
+
+
+# --------------------------------------------------------------------------- names
+
+JOB_DIR_OVERRIDES_BYTES = 100
+"""A job folder keeps at most this much of its overrides in its name (see :func:`job_dir_name`)."""
+
+
+def job_dir_name(num: int, overrides: str) -> str:
+    """A job's folder name: ``<num>_<overrides>``, short enough for any file system.
+
+    Hydra names a job's folder by its overrides, which can exceed the 255 bytes a file
+    name may have (``[Errno 36] File name too long``). Overrides longer than
+    :data:`JOB_DIR_OVERRIDES_BYTES` bytes are cut there and get ``~`` and 8 hex digits of
+    their sha256, so two jobs never share a folder; ``/`` becomes ``_`` (a value that is a
+    path would otherwise nest folders). The full overrides stay in the job's
+    ``.hydra/overrides.yaml`` and in its MLflow run (tag ``xp.overrides``). Registered as
+    the resolver ``xp_job_dir`` (``hydra.sweep.subdir`` in conf/config.yaml).
+
+    Args:
+        num: ``hydra.job.num``.
+        overrides: ``hydra.job.override_dirname``.
+    """
+    text = str(overrides).replace("/", "_")
+    raw = text.encode()
+    if len(raw) <= JOB_DIR_OVERRIDES_BYTES:
+        return f"{num}_{text}"
+    head = raw[:JOB_DIR_OVERRIDES_BYTES].decode(errors="ignore")  # whole characters only
+    return f"{num}_{head}~{hashlib.sha256(raw).hexdigest()[:8]}"
+
+
+def _launch_timestamp() -> str:
+    """``${xp_timestamp:}``: the launch's timestamp; on ranks other than 0, rank 0's (it
+    claims the run directory first: xp.rundir, xp.launch)."""
+    if not os.environ.get("XP_TIMESTAMP"):
+        os.environ["XP_TIMESTAMP"] = receive_claim()
+    return os.environ["XP_TIMESTAMP"]
+
+
+def register_resolvers() -> None:
+    """The resolvers xp's config uses to name directories: ``${xp_timestamp:}``,
+    ``${xp_outputs:}`` and ``${xp_job_dir:num,overrides}``."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("xp_timestamp"):
+        OmegaConf.register_new_resolver("xp_timestamp", _launch_timestamp)
+    if not OmegaConf.has_resolver("xp_outputs"):
+        OmegaConf.register_new_resolver(
+            "xp_outputs", lambda: str(Path(os.environ["XP_LAUNCH_DIR"]) / "outputs")
+        )
+    if not OmegaConf.has_resolver("xp_job_dir"):
+        OmegaConf.register_new_resolver("xp_job_dir", job_dir_name)

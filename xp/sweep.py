@@ -84,8 +84,6 @@ compare view plots the first three differing params in sort order, and ``_`` sor
 before every key of xp's config."""
 RUN_NAME_CHARS = 250
 """MLflow's SQL stores keep a run's name in a column of 250 characters."""
-JOB_DIR_OVERRIDES_BYTES = 100
-"""A job folder keeps at most this much of its overrides in its name (see :func:`job_dir_name`)."""
 
 PLUGINS = {
     ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
@@ -202,29 +200,6 @@ def _is_sweep_setting(override: str) -> bool:
     return key == "sweep" or key.startswith("sweep.")
 
 
-def job_dir_name(num: int, overrides: str) -> str:
-    """A job's folder name: ``<num>_<overrides>``, short enough for any file system.
-
-    Hydra names a job's folder by its overrides, which can exceed the 255 bytes a file
-    name may have (``[Errno 36] File name too long``). Overrides longer than
-    :data:`JOB_DIR_OVERRIDES_BYTES` bytes are cut there and get ``~`` and 8 hex digits of
-    their sha256, so two jobs never share a folder; ``/`` becomes ``_`` (a value that is a
-    path would otherwise nest folders). The full overrides stay in the job's
-    ``.hydra/overrides.yaml`` and in its MLflow run (tag ``xp.overrides``). Registered as
-    the resolver ``xp_job_dir`` (``hydra.sweep.subdir`` in conf/config.yaml).
-
-    Args:
-        num: ``hydra.job.num``.
-        overrides: ``hydra.job.override_dirname``.
-    """
-    text = str(overrides).replace("/", "_")
-    raw = text.encode()
-    if len(raw) <= JOB_DIR_OVERRIDES_BYTES:
-        return f"{num}_{text}"
-    head = raw[:JOB_DIR_OVERRIDES_BYTES].decode(errors="ignore")  # whole characters only
-    return f"{num}_{head}~{hashlib.sha256(raw).hexdigest()[:8]}"
-
-
 def _plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
@@ -310,7 +285,7 @@ class EarlierRun:
             return True
         if self.status != "RUNNING" or not self.run_dir:
             return False
-        from xp.resume import RunDirLock
+        from xp.rundir import RunDirLock
 
         return RunDirLock(Path(self.run_dir)).dead()
 
@@ -519,7 +494,7 @@ def plan_job(cfg: DictConfig, log_dir: Path, target: ResumeTarget | None) -> Job
 
 def _remove_fresh_dir(log_dir: Path) -> None:
     """Hydra made the job's folder (only .hydra/ in it); nothing of the job goes there."""
-    from xp.resume import LOCK_FILE
+    from xp.rundir import LOCK_FILE
 
     if log_dir.is_dir() and {p.name for p in log_dir.iterdir()} <= {".hydra", LOCK_FILE}:
         shutil.rmtree(log_dir, ignore_errors=True)
@@ -610,21 +585,22 @@ class _ErrorTee(io.TextIOBase):
         return bool(self._stream.isatty())
 
 
-def run_task(cfg: DictConfig) -> float | None:
-    """Hydra's task function: train; in a sweep, an error ends the job, not the sweep.
+@contextlib.contextmanager
+def job_errors() -> Iterator[None]:
+    """Around a run in Hydra's task function: in a sweep, an error ends the job, not the sweep.
 
     ``xp.run`` reports a user's mistake as one line and exits 1; in a multirun that
     would stop every job after this one, so it becomes :class:`JobFailed`, which Hydra
     records for this job. A stop signal (exit status above 128) still ends the sweep.
+    Outside a multirun nothing changes.
     """
-    from xp.run import run
-
     if not _in_multirun():
-        return run(cfg)
+        yield
+        return
     tee = _ErrorTee(sys.stderr)
     sys.stderr = tee
     try:
-        return run(cfg)
+        yield
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
         if code == 0 or code > 128:
@@ -712,10 +688,10 @@ class SweepCallback(Callback):
         # Unpickled in a launcher's worker (joblib, submitit): that process composes the
         # job's config, which needs xp's resolvers and schemas.
         self.__dict__.update(state)
-        from xp.__main__ import _register_resolvers
         from xp.config import register_schemas
+        from xp.rundir import register_resolvers
 
-        _register_resolvers()
+        register_resolvers()
         register_schemas()
 
     # ------------------------------------------------------------------ launching process
@@ -1323,7 +1299,7 @@ def write_summary(
     sweep_dir: Path, records: Sequence[JobRecord], objective: str, direction: str
 ) -> str:
     """Write ``summary.csv`` and ``summary.md`` into the sweep directory; the terminal table."""
-    from xp.compare import fit_table, format_table, markdown_table, terminal_width
+    from xp.table import fit_table, format_table, markdown_table, terminal_width
 
     header, rows = summary_rows(records, objective, direction)
     with open(sweep_dir / "summary.csv", "w", newline="") as f:

@@ -7,8 +7,9 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
-from xp.__main__ import CONF_DIR, _register_resolvers
+from xp.__main__ import CONF_DIR
 from xp.config import register_schemas
+from xp.rundir import register_resolvers
 
 
 @pytest.fixture
@@ -16,7 +17,7 @@ def compose(monkeypatch, tmp_path) -> Callable[[list[str]], DictConfig]:
     """Compose conf/ with overrides, exactly as ``python -m xp`` does."""
     monkeypatch.setenv("XP_LAUNCH_DIR", str(tmp_path))
     monkeypatch.setenv("XP_TIMESTAMP", "20260101_000000")
-    _register_resolvers()
+    register_resolvers()
     register_schemas()
 
     def _compose(overrides: list[str]) -> DictConfig:

@@ -12,8 +12,8 @@ from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from tests.extras import requires_extra
 from xp.__main__ import CONF_DIR
+from xp.build import build
 from xp.optim import OptimWrapper, OptimWrapperDict
-from xp.run import build
 
 GROUPS = (
     "strategy",
@@ -123,8 +123,8 @@ def test_one_schedule_per_optimizer(compose, tmp_path: Path) -> None:
     """`scheduler.<optimizer>.<phase>` gives each named optimizer its own schedule."""
     from omegaconf import OmegaConf
 
+    from xp.build import build_phases
     from xp.config import ConstantLRConfig, StepLRConfig
-    from xp.run import build_phases
 
     cfg = compose(["optim=backbone_head", "trainer.max_epochs=2"])
     per_optim = OmegaConf.create(

@@ -10,10 +10,9 @@ import torch
 
 from xp.__main__ import _strip_legacy_local_rank
 from xp.config import Launcher, RandomnessConfig
-from xp.dist import dist_info, infer_launcher
-from xp.launch import receive_claim, share_claim
+from xp.dist import dist_info, export_launcher_env, first_slurm_host, infer_launcher
+from xp.rundir import receive_claim, share_claim
 from xp.strategy import SingleDeviceStrategy
-from xp.strategy.distributed import _export_launcher_env, _first_slurm_host
 
 TORCHRUN = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
 SLURM = {
@@ -65,7 +64,7 @@ def test_slurm_and_mpi_variables_become_torch_rendezvous_variables(monkeypatch) 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
     os.environ.update(SLURM)
-    _export_launcher_env(Launcher.slurm, None)
+    export_launcher_env(Launcher.slurm, None)
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == (
         "3",
         "4",
@@ -73,7 +72,7 @@ def test_slurm_and_mpi_variables_become_torch_rendezvous_variables(monkeypatch) 
     )
     assert os.environ["MASTER_ADDR"] == "gpu07"
     assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 10000)
-    assert _first_slurm_host("node[01-04],gpu7") == "node01"
+    assert first_slurm_host("node[01-04],gpu7") == "node01"
 
 
 def test_legacy_local_rank_argument_is_taken_out(monkeypatch) -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from xp.resume import LOCK_FILE, RunDirLock, RunInUse
+from xp.rundir import LOCK_FILE, RunDirLock, RunInUse
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from xp.resume import RunDirLock
+from xp.rundir import RunDirLock
 RunDirLock(Path(sys.argv[1])).acquire()
 if sys.argv[2] == "fork":  # a DataLoader worker, say, forked while the lock is held
     import os

@@ -6,9 +6,8 @@ import csv
 
 import pytest
 
-from xp.compare import format_table, markdown_table
+from xp.rundir import JOB_DIR_OVERRIDES_BYTES, job_dir_name
 from xp.sweep import (
-    JOB_DIR_OVERRIDES_BYTES,
     SWEEP_KEY_TAG,
     EarlierRun,
     JobRecord,
@@ -16,13 +15,13 @@ from xp.sweep import (
     announce,
     config_hash,
     direction_of,
-    job_dir_name,
     rank_records,
     reusable,
     sweep_arguments,
     sweep_key,
     swept_params,
 )
+from xp.table import format_table, markdown_table
 
 
 def test_config_hash_ignores_where_a_run_is_recorded_but_not_what_it_computes() -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import atexit
 import gc
 import os
-import socket
-import subprocess
 from datetime import timedelta
 from typing import Any
 
@@ -15,8 +13,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from xp.config import Backend, Device, Launcher
-from xp.launch import port_error
+from xp.config import Backend, Device
+from xp.dist import export_launcher_env, free_port, port_error
 from xp.strategy.base import Strategy
 
 _collect_at_exit = False
@@ -79,7 +77,7 @@ class DistributedStrategy(Strategy):
     # ------------------------------------------------------------------ process group
 
     def _setup_distributed(self) -> None:
-        _export_launcher_env(self.launcher, self._master_port)
+        export_launcher_env(self.launcher, self._master_port)
         if self._use_cuda:
             self._device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
             torch.cuda.set_device(self._device)
@@ -197,48 +195,3 @@ def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]
         out[-1].append(tensor)
         size += nbytes
     return [bucket for bucket in out if bucket]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now, on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _export_launcher_env(launcher: Launcher, master_port: int | None) -> None:
-    """Give torch's env:// rendezvous the variables that srun or mpirun set under other names."""
-    env = os.environ
-    if launcher is Launcher.slurm:
-        env.setdefault("RANK", env["SLURM_PROCID"])
-        env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
-        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-        if "MASTER_ADDR" not in env:
-            env["MASTER_ADDR"] = _first_slurm_host(env["SLURM_NODELIST"])
-        # Every task of the job derives the same port from the job id (mmengine does too).
-        env.setdefault("MASTER_PORT", str(master_port or 20000 + int(env["SLURM_JOB_ID"]) % 10000))
-    elif launcher is Launcher.mpi:
-        env.setdefault("RANK", env["OMPI_COMM_WORLD_RANK"])
-        env.setdefault("WORLD_SIZE", env["OMPI_COMM_WORLD_SIZE"])
-        env.setdefault("LOCAL_RANK", env["OMPI_COMM_WORLD_LOCAL_RANK"])
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(master_port or 29500))
-
-
-def _first_slurm_host(nodelist: str) -> str:
-    try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        )
-        return out.stdout.split()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        # "node[01-04],gpu7" -> "node01": good enough where scontrol is missing.
-        head = nodelist.split(",")[0]
-        if "[" in head:
-            prefix, rest = head.split("[", 1)
-            return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
-        return head

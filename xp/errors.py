@@ -1,0 +1,24 @@
+"""How a run's command ends when something went wrong: one line for what a user can fix."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from xp.checkpoint import CheckpointError
+from xp.log import say
+from xp.tracking import TrackingError
+
+USER_ERRORS = (ValueError, TypeError, CheckpointError, TrackingError)
+"""Errors a user causes with config or input: reported as one message, no traceback."""
+INCOMPLETE_RECORD_EXIT = 3
+"""The exit status of a run that trained to its end while MLflow's record of it stayed
+incomplete (the store or the writer failed): ``resume=<run id>`` completes it."""
+
+
+def exit_on_user_error(error: BaseException) -> None:
+    """A config or input error is one ``xp: error:`` line and exit status 1, no traceback
+    (``HYDRA_FULL_ERROR=1`` shows it)."""
+    if isinstance(error, USER_ERRORS) and not os.environ.get("HYDRA_FULL_ERROR"):
+        say(f"xp: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
