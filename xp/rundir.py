@@ -365,6 +365,14 @@ class RunDirCallback(Callback):
         claimed = os.environ.get(ENV)
         if claimed and Path(claimed) == Path(str(config.hydra.sweep.dir)).absolute():
             (Path(claimed) / CLAIM_FILE).unlink(missing_ok=True)
+            _redact_files(Path(claimed).glob("*.yaml"))
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra has written .hydra/ with the command line as typed: no password stays there
+        # (it is uploaded to MLflow with the run).
+        subdir = config.hydra.output_subdir
+        if subdir is not None:
+            _redact_files((Path(str(config.hydra.runtime.output_dir)) / str(subdir)).glob("*"))
 
     def _claim(self, config: DictConfig, key: str) -> None:
         rank = dist_info(infer_launcher()).rank
@@ -391,6 +399,18 @@ class RunDirCallback(Callback):
             say(f"xp: error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
         share_claim(os.environ.get(TIMESTAMP_ENV) or claimed.name)
+
+
+def _redact_files(paths: Any) -> None:
+    """Rewrite the text files among ``paths`` without URI passwords or secret values."""
+    from xp.tracking import redact_secrets
+
+    for path in paths:
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            redacted = redact_secrets(text)
+            if redacted != text:
+                path.write_text(redacted)
 
 
 def _check_tracking(config: DictConfig) -> None:
