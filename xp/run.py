@@ -122,6 +122,18 @@ def _start_time_ms(started_ms: int, target: ResumeTarget | None) -> int | None:
     return started_ms if in_sweep or not launched.isdigit() else int(launched)
 
 
+def _verbose() -> bool:
+    """``hydra.verbose=true`` (or naming the ``xp`` logger) turns xp's log to DEBUG."""
+    if not HydraConfig.initialized():
+        return False
+    verbose = HydraConfig.get().verbose
+    if isinstance(verbose, str):
+        return verbose in ("xp", "true", "True")
+    if isinstance(verbose, bool):
+        return verbose
+    return "xp" in [str(v) for v in verbose or ()]
+
+
 def _launch_timestamp() -> str | None:
     return os.environ.get("XP_TIMESTAMP")
 
@@ -166,6 +178,16 @@ class _Life:
         with in_launch_dir():  # relative paths in the config: from where the command ran
             built = self.built = build(cfg, self.log_dir, timestamp or _launch_timestamp())
         strategy = self.strategy = built.strategy
+        if _verbose():
+            strategy.logger.setLevel(logging.DEBUG)
+        model = strategy.unwrap(built.prepared.model)
+        strategy.logger.debug(
+            "Built %s (%d parameters), %d training batches per epoch; the config:\n%s",
+            type(model).__name__,
+            sum(p.numel() for p in model.parameters()),
+            len(built.train_loader),
+            built.config_yaml,
+        )
         facts = _run_facts(cfg, strategy.timestamp)
         self.trainer = build_trainer(
             built, checkpoint_extra={"config": built.config_yaml, "run": facts}

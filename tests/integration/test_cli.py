@@ -438,3 +438,20 @@ def test_test_of_a_run_still_training_is_refused_and_export_takes_a_run_id(
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
     assert only_run(store).info.status == "FINISHED"
+
+
+def test_shell_completion_of_the_xp_command_and_verbose_logging(xp, workdir: Path) -> None:
+    script = Path(sys.executable).with_name("xp")
+    env = {**os.environ, "COMP_LINE": "xp optim=", "COMP_POINT": "9"}
+    completion = subprocess.run(
+        [str(script), "-sc", "query=bash"], cwd=workdir, env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert completion.returncode == 0, completion.stderr[-2000:]
+    assert {"optim=adamw", "optim=sgd", "optim=gan"} <= set(completion.stdout.split())
+
+    verbose = xp("hydra.verbose=true", "trainer.max_epochs=1", "tracking=off")
+    assert verbose.returncode == 0, verbose.stderr[-2000:]
+    assert "DEBUG xp: Built MLP (" in verbose.stderr
+    quiet = xp("trainer.max_epochs=1", "tracking=off")
+    assert " DEBUG " not in quiet.stderr
