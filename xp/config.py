@@ -510,6 +510,36 @@ class CheckpointConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """``xp.callback.EarlyStopping``: end the run FINISHED when a validation metric stops
+    improving (the MLflow run is tagged ``xp.stopped_early`` with why)."""
+
+    _target_: str = "xp.callback.EarlyStopping"
+    monitor: str = "val/loss"
+    """A metric validation logs."""
+    mode: Mode = Mode.min
+    """min: smaller is better; max: larger is better."""
+    patience: int = 3
+    """Validations in a row without an improvement before the run ends."""
+    min_delta: float = 0.0
+    """The least change of ``monitor`` that counts as an improvement."""
+
+
+@dataclass
+class EMAConfig:
+    """``xp.callback.EMA``: an exponential moving average of the parameters, saved in every
+    checkpoint and exported by ``xp export ... ema=true``."""
+
+    _target_: str = "xp.callback.EMA"
+    decay: float = 0.999
+    """Weight of the old average in each update, in [0, 1)."""
+    every_n_steps: int = 1
+    """Update the average every this many optimizer steps."""
+    validate_with_ema: bool = True
+    """Validation and ``test=`` evaluate the average instead of the training weights."""
+
+
+@dataclass
 class SweepConfig:
     """How a multirun (``-m``) treats its jobs (see xp.sweep)."""
 
@@ -605,6 +635,9 @@ class XPConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    """Name -> callback (a ``_target_`` node, xp.callback.Callback subclass), run in this
+    order at the loop's events: ``+callbacks=early_stopping``, ``~callbacks.ema``."""
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -635,6 +668,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "trainer": {"trainer": TrainerConfig},
     "checkpoint": {"checkpoint": CheckpointConfig},
     "tracking": {"mlflow": TrackingConfig},
+    "callbacks": {"early_stopping": EarlyStoppingConfig, "ema": EMAConfig},
 }
 
 

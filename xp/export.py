@@ -1,4 +1,4 @@
-"""``xp export``: a plain, full model state dict from any xp checkpoint."""
+"""``xp export``: a plain, full model state dict from any xp checkpoint (or its EMA)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,21 +36,30 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def export_model_state(path: Path) -> dict[str, torch.Tensor]:
+def export_model_state(path: Path, *, ema: bool | str = False) -> dict[str, torch.Tensor]:
     """The full model state dict of a single-file, FSDP or DeepSpeed checkpoint, on the CPU.
 
     Sharded checkpoints are gathered from their files, without a process group. Every
     file is verified against its recorded checksum and read without running its pickles.
 
+    Args:
+        path: A checkpoint, or a run directory (its newest complete checkpoint).
+        ema: The parameters of the EMA callback's average instead of the training
+            weights (the model's buffers with them): True for the run's one EMA, or the
+            callback's name (``ema`` for ``callbacks.ema``).
+
     Raises:
-        CheckpointError: The checkpoint is missing, incomplete, corrupt or refused.
+        CheckpointError: The checkpoint is missing, incomplete, corrupt or refused, or
+            holds no such average.
     """
     path = resolve_checkpoint(path)
+    callbacks: Mapping[str, Any] = {}
     if path.is_file():
         state = load_file(path)
         if "model" not in state:
             raise CheckpointError(f"{path} has no model state; it was not written by xp.")
         model = state["model"]
+        callbacks = state.get("callbacks") or {}
     elif not (path / COMPLETE_MARKER).is_file():
         raise CheckpointError(
             f"Checkpoint folder {path} has no {COMPLETE_MARKER} marker: its save was "
@@ -56,17 +67,52 @@ def export_model_state(path: Path) -> dict[str, torch.Tensor]:
         )
     elif (path / ".metadata").is_file():
         from xp.strategy.fsdp import export_model_state as export_fsdp
+        from xp.strategy.fsdp import read_sharded_entries
 
         model = export_fsdp(path)
+        if ema:  # the average is sharded like the model (already verified above)
+            callbacks = read_sharded_entries(path, ("callbacks",), check=False).get("callbacks", {})
     else:
+        from xp.strategy.deepspeed import EXTRA_FILE
         from xp.strategy.deepspeed import export_model_state as export_deepspeed
 
         model = export_deepspeed(path)
+        if ema:
+            callbacks = load_file(path / EXTRA_FILE).get("callbacks") or {}
+    if ema:
+        model = {**model, **_ema_average(callbacks, ema, path)}
     return {
         re.sub(r"^(module\.|_orig_mod\.)+", "", k): v.detach().cpu().contiguous()
         for k, v in model.items()
         if isinstance(v, torch.Tensor)
     }
+
+
+def _ema_average(callbacks: Mapping[str, Any], which: bool | str, path: Path) -> dict[str, Any]:
+    """The averaged parameters of the EMA callback named ``which`` (True: the only one)."""
+    averages = {
+        name: state["average"]
+        for name, state in callbacks.items()
+        if isinstance(state, Mapping) and isinstance(state.get("average"), Mapping)
+    }
+    if which is True:
+        if len(averages) == 1:
+            return dict(next(iter(averages.values())))
+        if not averages:
+            raise CheckpointError(
+                f"ema=true: {path} holds no EMA average (its run had no xp.callback.EMA "
+                "callback, e.g. +callbacks=ema); export it without ema=true."
+            )
+        raise CheckpointError(
+            f"ema=true: {path} holds the averages of callbacks {sorted(averages)}; name one, "
+            f"e.g. ema={sorted(averages)[0]}."
+        )
+    if which not in averages:
+        raise CheckpointError(
+            f"ema={which}: {path} holds no average of callbacks.{which} (averages: "
+            f"{sorted(averages) or 'none'}); name one of them, or ema=true."
+        )
+    return dict(averages[str(which)])
 
 
 def _checkpoint(spec: str) -> Path:
@@ -83,16 +129,25 @@ def _checkpoint(spec: str) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    """``xp export ckpt=<checkpoint, folder or run dir> out=<file>``."""
+    """``xp export ckpt=<checkpoint, folder or run dir> out=<file> [ema=true|<name>]``."""
     parser = argparse.ArgumentParser(prog="xp export", description=main.__doc__)
     parser.add_argument("assignments", nargs="+", metavar="key=value")
     args = parser.parse_args(argv)
     values = dict(a.split("=", 1) for a in args.assignments if "=" in a)
-    unknown = sorted(set(values) - {"ckpt", "out"}) + [a for a in args.assignments if "=" not in a]
+    unknown = sorted(set(values) - {"ckpt", "out", "ema"}) + [
+        a for a in args.assignments if "=" not in a
+    ]
     if unknown or "ckpt" not in values or "out" not in values:
-        parser.error("usage: xp export ckpt=<run id | run dir | checkpoint> out=<file.pt>")
+        parser.error(
+            "usage: xp export ckpt=<run id | run dir | checkpoint> out=<file.pt> "
+            "[ema=true | <callback name>]"
+        )
+    flag = values.get("ema", "false")
+    ema: bool | str = flag
+    if flag.lower() in ("true", "false"):
+        ema = flag.lower() == "true"
     try:
-        state = export_model_state(_checkpoint(values["ckpt"]))
+        state = export_model_state(_checkpoint(values["ckpt"]), ema=ema)
     except (CheckpointError, ResumeError) as e:
         say(f"xp export: error: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,8 @@
-"""The training loop: epochs of optimizer steps, validation, logging and checkpoints."""
+"""The training loop: epochs of optimizer steps, validation, logging and checkpoints.
+
+Callbacks (:mod:`xp.callback`) run at the loop's named points; the loop calls only those
+that override an event, so a run without per-step callbacks pays nothing per step.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,14 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from xp.callback import Callback, Callbacks, ProgressBar
 from xp.checkpoint import Checkpointer
 from xp.config import CheckpointConfig, Mode, NonFinite, TrainerConfig
 from xp.data import EpochLoader
@@ -127,42 +132,6 @@ def _yaml(value: int | None) -> str:
     return "null" if value is None else str(value)
 
 
-class ProgressBar:
-    """A one-line bar over optimizer steps on a terminal; silent elsewhere."""
-
-    def __init__(self, total: int, *, enabled: bool, initial: int = 0) -> None:
-        self.total = total
-        self.enabled = enabled
-        self.step = initial
-        self._started = time.perf_counter()
-        self._start_step = initial
-        self._drawn = 0.0
-        self.postfix = ""
-
-    def update(self, step: int) -> None:
-        self.step = step
-        if self.enabled:
-            now = time.perf_counter()
-            if now - self._drawn > 0.1 or step == self.total:
-                self._drawn = now
-                self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        done = self.step / max(1, self.total)
-        rate = (self.step - self._start_step) / max(1e-9, now - self._started)
-        bar = "#" * int(done * 30)
-        sys.stderr.write(
-            f"\r[{bar:<30}] {self.step}/{self.total} {rate:6.1f} step/s {self.postfix}\x1b[K"
-        )
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw(time.perf_counter())
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 class Trainer:
     """Runs training for a prepared model.
 
@@ -179,6 +148,9 @@ class Trainer:
         checkpoint: When to save, and which metric picks the best checkpoint.
         tracker: Receives metrics (rank 0 only; None elsewhere).
         checkpoint_extra: Saved in every checkpoint beside the states (e.g. the config).
+        callbacks: Name -> callback (:mod:`xp.callback`), run in this order at the loop's
+            events; their states are saved in every checkpoint (``callbacks.<name>``) and
+            restored by ``strategy.resume``, so build the trainer before resuming.
     """
 
     def __init__(
@@ -195,6 +167,7 @@ class Trainer:
         checkpoint: CheckpointConfig | None = None,
         tracker: MetricSink | None = None,
         checkpoint_extra: Mapping[str, Any] | None = None,
+        callbacks: Mapping[str, Callback] | Sequence[Callback] | None = None,
     ) -> None:
         if prepared.optim_wrapper is None:
             raise ValueError("Trainer needs an optimizer; prepare the model with optim=...")
@@ -261,23 +234,80 @@ class Trainer:
         self._prune_at = 512
         self._stop_signal: int | None = None
         self._agreed_signal = 0
+        self._finish_reason: str | None = None
+        self._agreed_finish = 0
+        self.stopped_early: str | None = None
+        """Why a callback ended the run before its last step (None: it did not)."""
         self._lr_keys = (
             {"train/lr": self.optim}
             if isinstance(self.optim, OptimWrapper)
             else {f"train/lr/{name}": w for name, w in self.optim.items()}
         )
+        self.callbacks = self._callbacks(callbacks)
+        if self.callbacks.stateful:
+            strategy.register_state("callbacks", self.callbacks)
+        self.callbacks("setup", self)
+
+    def _callbacks(self, given: Mapping[str, Callback] | Sequence[Callback] | None) -> Callbacks:
+        """The configured callbacks (``callbacks.<name>``), after xp's progress bar."""
+        if given is None:
+            given = {}
+        elif not isinstance(given, Mapping):
+            given = {f"{type(c).__name__}_{i}": c for i, c in enumerate(given)}
+        s = self.settings
+        bar = sys.stderr.isatty() if s.progress_bar is None else s.progress_bar
+        named: dict[str, Callback] = {}
+        if bar and self.strategy.is_main_process:
+            named["trainer.progress_bar"] = ProgressBar()
+        named.update({f"callbacks.{name}": callback for name, callback in given.items()})
+        return Callbacks(named, self.strategy.logger)
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self, progress: Progress | None = None) -> dict[str, float]:
         """Train to ``length.total_steps``; returns the last validation metrics.
 
+        A callback may end training sooner (:meth:`request_finish`): the run then
+        validates, saves and returns as at its end, with :attr:`stopped_early` set.
+
         Raises:
             TrainingStopped: a stop signal arrived; a checkpoint of the last step was saved.
             NonFiniteLossError: the loss became NaN or inf (``trainer.nonfinite=stop``).
+            CallbackError: a callback raised (it is named, with the event).
         """
         p = progress or self.progress
         self.progress = p
+        status = "FAILED"
+        try:
+            self.callbacks("on_fit_start", self)
+            self._train(p)
+            status = "FINISHED"
+        except (TrainingStopped, KeyboardInterrupt) as e:
+            status = "KILLED"
+            self._end_callbacks(status)
+            if isinstance(e, TrainingStopped):
+                self.strategy.logger.warning(
+                    "Stopped by %s at step %d; resume continues from %s.",
+                    signal.Signals(e.signum).name,
+                    e.step,
+                    self.last_checkpoint,
+                )
+            raise
+        except BaseException:
+            self._end_callbacks(status)
+            raise
+        self.callbacks("on_fit_end", self, status)
+        return self.metrics
+
+    def _end_callbacks(self, status: str) -> None:
+        """``on_fit_end`` while an error propagates: an error of a callback there is logged,
+        so that the run's own error is the one reported."""
+        try:
+            self.callbacks("on_fit_end", self, status)
+        except Exception as e:
+            self.strategy.logger.error("%s", e)
+
+    def _train(self, p: Progress) -> None:
         s = self.settings
         c = self.checkpoint
         total = self.length.total_steps
@@ -286,20 +316,19 @@ class Trainer:
         # On the CPU a batch stays where it is: no call per step (a few us on a ~1 ms step).
         to_device = None if self.strategy.root_device.type == "cpu" else self.strategy.to_device
         custom = self.task.custom_step
-        bar_enabled = sys.stderr.isatty() if s.progress_bar is None else s.progress_bar
-        bar = ProgressBar(
-            total, enabled=bar_enabled and self.strategy.is_main_process, initial=p.step
-        )
         window = self._window
         skip_nonfinite = s.nonfinite is NonFinite.skip
+        # Only callbacks that override on_train_step_end are called per step (none: no cost).
+        step_end = self.callbacks.listens("on_train_step_end")
+        step_values: list[Mapping[str, Any]] = []
 
         try:
             while True:
                 if p.batch_in_epoch >= len(loader):
                     # Also an epoch whose last step a checkpoint caught before the epoch's end
                     # (a stop signal there): a resumed run does that end first.
-                    self._end_epoch(p, bar)
-                if p.step >= total:
+                    self._end_epoch(p)
+                if p.step >= total or self.stopped_early is not None:
                     break
                 loader.set_epoch(p.epoch)
                 optim.initialize_count_status(inner_count=p.batch_in_epoch, max_counts=len(loader))
@@ -312,6 +341,8 @@ class Trainer:
                         self._skipped += 1
                     else:
                         window.add(values, samples)
+                        if step_end:
+                            step_values.append(values)
                     p.batch_in_epoch += 1
                     if not custom and not optim.should_update():
                         continue
@@ -319,10 +350,11 @@ class Trainer:
                     self._state_saved = False
                     for schedule in self.schedules:
                         schedule.step_iter()
+                    if step_end:
+                        self._step_end(p.step, step_values)
+                        step_values.clear()
                     if p.step % s.log_interval_steps == 0:
-                        self._log_train(p, bar)
-                    if bar.enabled:
-                        bar.update(p.step)
+                        self._log_train(p)
                     # At an epoch's last step the checkpoint waits for the epoch's end (its
                     # validation), so that it holds the state after it.
                     if (
@@ -332,7 +364,8 @@ class Trainer:
                     ):
                         self.save_checkpoint(p)
                     if self._stop_requested(p):
-                        self._stop(p, bar)
+                        self._halt(p)  # a signal raises TrainingStopped; a finish returns
+                        break
                     if p.step >= total:
                         break
         except BaseException:
@@ -340,15 +373,24 @@ class Trainer:
             # the interpreter's exit would wait on them forever.
             loader.close()
             raise
-        bar.close()
         if self._validated_at != p.step and s.val_interval_epochs:
             self.validate(p)
         if not self._state_saved and (c.interval_epochs or c.interval_steps):
             self.save_checkpoint(p)
         self.strategy.wait_for_checkpoints()
-        return self.metrics
 
-    def _end_epoch(self, p: Progress, bar: ProgressBar) -> None:
+    def _step_end(self, step: int, step_values: list[Mapping[str, Any]]) -> None:
+        """``on_train_step_end`` with the step's values (the mean over its micro-batches)."""
+        values: dict[str, Any] = {}
+        for micro in step_values:
+            for k, v in micro.items():
+                v = v.detach() if isinstance(v, torch.Tensor) else v
+                values[k] = values[k] + v if k in values else v
+        if len(step_values) > 1:
+            values = {k: v / len(step_values) for k, v in values.items()}
+        self.callbacks("on_train_step_end", self, step, values)
+
+    def _end_epoch(self, p: Progress) -> None:
         """What follows an epoch's last step: epoch-based phases, validation, checkpoint."""
         s, c = self.settings, self.checkpoint
         for schedule in self.schedules:
@@ -359,14 +401,15 @@ class Trainer:
         last = p.step >= self.length.total_steps
         if s.val_interval_epochs and (p.epoch % s.val_interval_epochs == 0 or last):
             self.validate(p)
+        # Before the checkpoint: one that ends the run says so (a stop signal saves its own).
+        if self._stop_requested(p, collective=True):
+            self._halt(p)
         every = c.interval_epochs
         due = (every and (p.epoch % every == 0 or last)) or (
             c.interval_steps and p.step % c.interval_steps == 0
         )
         if due and not self._state_saved:
             self.save_checkpoint(p)
-        if self._stop_requested(p, collective=True):
-            self._stop(p, bar)
 
     # ------------------------------------------------------------------ stopping
 
@@ -378,38 +421,68 @@ class Trainer:
         if self._stop_signal is None:
             self._stop_signal = signum
 
-    def _stop_requested(self, p: Progress, *, collective: bool = False) -> bool:
-        """Whether to stop now; every rank decides alike.
+    def request_finish(self, reason: str) -> None:
+        """End the run after the current step, FINISHED, because of ``reason`` (a callback's).
 
-        One process checks its flag after every step. Several agree at points where they
+        The run then validates (unless it just did), saves a checkpoint and ends as at its
+        last step; the MLflow run is tagged ``xp.stopped_early=<reason>``. Under several
+        ranks a request on any rank ends every rank, at the next point where they
+        synchronize (a log step or an epoch's end). The first reason given is the one kept.
+        """
+        if self._finish_reason is None:
+            self._finish_reason = str(reason)
+
+    def _stop_requested(self, p: Progress, *, collective: bool = False) -> bool:
+        """Whether to stop (a signal) or finish (a callback) now; every rank decides alike.
+
+        One process checks its flags after every step. Several agree at points where they
         synchronize anyway (each log step, each epoch end), so no step pays a collective.
         """
         if self.strategy.world_size == 1:
-            return self._stop_signal is not None
+            return self._stop_signal is not None or self._finish_reason is not None
         if not collective and p.step % self.settings.log_interval_steps != 0:
             return False
         if collective:
-            flag = torch.tensor(float(self._stop_signal or 0), device=self.strategy.root_device)
-            self._agreed_signal = int(self.strategy.all_reduce(flag, op="sum").item() > 0)
-        return bool(self._agreed_signal)
+            flags = torch.tensor(
+                [float(self._stop_signal or 0), float(self._finish_reason is not None)],
+                device=self.strategy.root_device,
+            )
+            agreed = self.strategy.all_reduce(flags, op="sum").tolist()
+            self._agreed_signal = int(agreed[0] > 0)
+            self._agreed_finish = int(agreed[1] > 0)
+        return bool(self._agreed_signal or self._agreed_finish)
 
-    def _stop(self, p: Progress, bar: ProgressBar) -> None:
-        bar.close()
+    def _halt(self, p: Progress) -> None:
+        """Stop on a signal (raises :class:`TrainingStopped`), else finish early (returns)."""
+        one = self.strategy.world_size == 1
+        if (self._stop_signal is not None) if one else self._agreed_signal:
+            self._stop(p)
+        reason = self._finish_reason
+        if not one:
+            # Only the ranks that asked know why; this collective runs once in a run.
+            reason = next((r for r in self.strategy.all_gather_object(reason) if r), None)
+        if p.step >= self.length.total_steps or self.stopped_early is not None:
+            return  # at its end anyway
+        self.stopped_early = reason or "a callback asked the run to finish"
+        self._state_saved = False  # the last checkpoint must record it, so resume= ends too
+        total = self.length.total_steps
+        self.strategy.logger.info(
+            "Stopping early at step %d of %d: %s.", p.step, total, self.stopped_early
+        )
+        if self.strategy.is_main_process:
+            set_tags = getattr(self.tracker, "set_tags", None)
+            if set_tags is not None:
+                set_tags({"xp.stopped_early": self.stopped_early})
+
+    def _stop(self, p: Progress) -> None:
         if not self._state_saved:
             self.save_checkpoint(p)
         self.strategy.wait_for_checkpoints()
-        signum = self._stop_signal or signal.SIGTERM
-        self.strategy.logger.warning(
-            "Stopped by %s at step %d; resume continues from %s.",
-            signal.Signals(signum).name,
-            p.step,
-            self.last_checkpoint,
-        )
-        raise TrainingStopped(signum, p.step)
+        raise TrainingStopped(self._stop_signal or signal.SIGTERM, p.step)
 
     # ------------------------------------------------------------------ pieces
 
-    def _log_train(self, p: Progress, bar: ProgressBar) -> None:
+    def _log_train(self, p: Progress) -> None:
         window = self._window
         now = time.perf_counter()
         batches = max(1, window.batches)
@@ -423,20 +496,23 @@ class Trainer:
             means = {k: (v / batches).float() for k, v in window.sums.items()}
             samples: Any = samples_per_s
         else:
-            stop = float(self._stop_signal or 0)
             device = self.strategy.root_device
             # Every rank logs the same names: a step's values do not depend on the rank.
+            # The stop and finish requests ride along, so agreeing on them costs nothing.
             packed = torch.stack(
                 [
                     *(window.sums[k].float() / batches for k in names),
                     torch.tensor(samples_per_s, device=device),
-                    torch.tensor(stop, device=device),
+                    torch.tensor(float(self._stop_signal or 0), device=device),
+                    torch.tensor(float(self._finish_reason is not None), device=device),
                 ]
             )
             reduced = self.strategy.all_reduce(packed, op="sum")
-            self._agreed_signal = int(reduced[-1].item() > 0)
+            flags = reduced[-2:].tolist()
+            self._agreed_signal = int(flags[0] > 0)
+            self._agreed_finish = int(flags[1] > 0)
             means = {k: reduced[i] / world_size for i, k in enumerate(names)}
-            samples = reduced[-2]
+            samples = reduced[-3]
         if self.settings.nonfinite is NonFinite.stop:
             for key, value in means.items():
                 # Reading the 0-dim loss once (the sync bool(tensor) does too) beats
@@ -456,12 +532,8 @@ class Trainer:
         if self._skipped:
             metrics["train/skipped_batches"] = self._skipped
         self._log(metrics, p.step)
-        if bar.enabled:
-            lr = metrics[next(iter(self._lr_keys))]
-            shown = " ".join(f"{k} {float(v):.4f}" for k, v in means.items())
-            # 1-based, as the log counts epochs (Progress.epoch, saved, counts from 0).
-            bar.postfix = f"epoch {p.epoch + 1} {shown} lr {lr:.3g}"
         window.reset()
+        self.callbacks("on_train_log", self, p.step, metrics)
 
     def evaluate(self, loader: EpochLoader, prefix: str) -> dict[str, float]:
         """The task's loss and metrics over ``loader``, on every rank, as ``<prefix>/<name>``."""
@@ -469,7 +541,11 @@ class Trainer:
         was_training = model.training
         model.eval()
         try:
-            values = self.task.evaluate(model, self.module, loader, self.strategy)
+            self.callbacks("on_evaluate_start", self, prefix)
+            try:
+                values = self.task.evaluate(model, self.module, loader, self.strategy)
+            finally:
+                self.callbacks("on_evaluate_end", self, prefix)
         finally:
             model.train(was_training)
         return {f"{prefix}/{k}": v for k, v in values.items()}
@@ -489,6 +565,8 @@ class Trainer:
             p.step,
             " ".join(f"{k} {v:.4f}" for k, v in result.items()),
         )
+        # Before the best checkpoint: a checkpoint of this step holds what callbacks made of it.
+        self.callbacks("on_validation_end", self, p.step, result)
         monitor = self.checkpoint.monitor
         if monitor is not None:
             if monitor not in result:
@@ -532,6 +610,14 @@ class Trainer:
             self.best["step"],
             path.name,
         )
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log ``metrics`` (name -> number or 0-dim tensor) to the run's tracker at ``step``
+        (default: the current step); rank 0 logs, other ranks' calls do nothing.
+
+        For callbacks; checkpoints keep what the store has not confirmed, like xp's own.
+        """
+        self._log(dict(metrics), self.progress.step if step is None else int(step))
 
     def _log(self, metrics: dict[str, Any], step: int) -> None:
         if self.tracker is not None:
@@ -590,6 +676,7 @@ class Trainer:
         best = checkpoint.get("best")
         if best and best.get("metric") == self.checkpoint.monitor:
             self.best = dict(best)
+        self.stopped_early = checkpoint.get("stopped_early")
         # Checkpoints from before xp recorded it: validation is due at the end, if not before.
         self._validated_at = int(checkpoint.get("validated_at", -1))
         # The checkpoint resumed from holds this state: nothing to save until something changes.
@@ -598,6 +685,14 @@ class Trainer:
         previous = checkpoint.get("total_steps")
         if previous is not None and int(previous) != total:
             self._extend_schedules(p, int(previous))
+            if self.stopped_early is not None:
+                self.strategy.logger.info(
+                    "The run had stopped early at step %d (%s); resumed with a new length, it "
+                    "trains on.",
+                    p.step,
+                    self.stopped_early,
+                )
+                self.stopped_early = None
         return p
 
     def _extend_schedules(self, p: Progress, previous: int) -> None:
@@ -653,6 +748,7 @@ class Trainer:
             "best": dict(self.best) if self.best else {},
             "validated_at": self._validated_at,
             "total_steps": self.length.total_steps,
+            **({"stopped_early": self.stopped_early} if self.stopped_early is not None else {}),
             **self.checkpoint_extra,
         }
         self.strategy.save_checkpoint(path, extra=extra)
@@ -663,4 +759,5 @@ class Trainer:
         if self.strategy.is_main_process and not self.async_checkpoints:
             self.checkpointer.prune()
         self.strategy.logger.info("Saved checkpoint %s.", path)
+        self.callbacks("on_checkpoint_saved", self, p.step, path)
         return path

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -56,6 +56,14 @@ from xp.scheduler import LRSchedule, Phase
 ModelSource = nn.Module | Callable[[], nn.Module]
 DEFAULT_OPTIM = "default"
 """The name of the only optimizer of a single-optimizer run (in schedules and state)."""
+
+
+class Stateful(Protocol):
+    """Something with a state that checkpoints keep (a run's callbacks)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,7 @@ class Strategy(ABC):
         self._seed: int = 0
         self._prepared: Prepared | None = None
         self._async_writer: AsyncCheckpointWriter | None = None
+        self._states: dict[str, Stateful] = {}
         self._setup_env(
             cudnn_benchmark=cudnn_benchmark,
             mp_start_method=mp_start_method,
@@ -255,6 +264,14 @@ class Strategy(ABC):
     def _sync_grads(self, model: nn.Module) -> Callable[[list[torch.Tensor]], None] | None:
         """Averages gradients over ranks before a step, where the wrapper does not."""
         return None
+
+    def reshard(self, model: nn.Module) -> None:  # noqa: B027 (a hook: a no-op unless sharded)
+        """Leave the model's parameters in their resting form, as an optimizer step does.
+
+        A strategy that gathers sharded parameters for a forward (FSDP) frees the gathered
+        copies, so that parameters written in place outside an optimizer step (an EMA
+        swapping its average in) are what the next forward uses. A no-op elsewhere.
+        """
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The user's module inside whatever :meth:`_wrap_model` put around it."""
@@ -647,9 +664,28 @@ class Strategy(ABC):
             "torch": str(torch.__version__),  # a TorchVersion, which weights_only refuses
             "strategy": type(self).__name__,
         }
+        for key, stateful in self._states.items():
+            state[key] = stateful.state_dict()
         state.update(extra or {})
         self._write_checkpoint(state, Path(path))
         return Path(path)
+
+    def register_state(self, key: str, stateful: Stateful) -> None:
+        """Keep ``stateful``'s state in every checkpoint under ``key``; :meth:`resume` (and
+        :meth:`load_checkpoint` with ``states=True``) restores it.
+
+        Its tensors may be DTensors sharded like the parameters (an EMA under FSDP): a
+        strategy with sharded checkpoints saves and loads them sharded.
+        """
+        reserved = {"model", "optim", "schedulers", "rng", "meta"}
+        if key in reserved:
+            raise ValueError(f"register_state({key!r}): {sorted(reserved)} are the strategy's own.")
+        self._states[key] = stateful
+
+    def _restore_registered(self, checkpoint: Mapping[str, Any], path: Path) -> None:
+        """Give each registered state its entry of the checkpoint (none: it starts fresh)."""
+        for key, stateful in self._states.items():
+            stateful.load_state_dict(checkpoint.get(key) or {})
 
     def _checkpoint_states(self, *, save_optimizer: bool) -> dict[str, Any]:
         """The model and optimizer entries of a checkpoint (DeepSpeed's engine saves its own)."""
@@ -727,12 +763,20 @@ class Strategy(ABC):
         *,
         strict: bool = True,
         revise_keys: Sequence[tuple[str, str]] = ((r"^module\.", ""),),
+        states: bool = False,
     ) -> dict[str, Any]:
-        """Load only the model weights of a checkpoint (fine-tuning); returns the checkpoint."""
+        """Load only the model weights of a checkpoint (fine-tuning); returns the checkpoint.
+
+        Args:
+            states: Also restore the states registered with :meth:`register_state` (the
+                callbacks': ``test=`` evaluates an EMA's average), not only the weights.
+        """
         checkpoint = self._read_checkpoint(Path(path))
         self._restore_states(
             checkpoint, Path(path), strict=strict, revise_keys=revise_keys, optimizer=False
         )
+        if states:
+            self._restore_registered(checkpoint, Path(path))
         self.logger.info("Loaded model weights from %s.", path)
         return checkpoint
 
@@ -755,6 +799,7 @@ class Strategy(ABC):
             revise_keys=((r"^module\.", ""),),
             optimizer=resume_optimizer,
         )
+        self._restore_registered(checkpoint, Path(path))
         if resume_schedulers and "schedulers" in checkpoint:
             try:
                 self.load_scheduler_state_dict(checkpoint["schedulers"])

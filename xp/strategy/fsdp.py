@@ -82,7 +82,9 @@ from xp.strategy.distributed import DistributedStrategy
 EXTRA_FILE = "extra.pt"
 """What rank 0 writes beside the shards: schedules, RNG states, progress, config, meta."""
 _SHARDED = ("model", "optim")
-"""The checkpoint entries that DCP writes as shards; the rest goes to ``extra.pt``."""
+"""The checkpoint entries that DCP writes as shards, with those of
+:meth:`~xp.strategy.base.Strategy.register_state` (an EMA's sharded average); the rest goes
+to ``extra.pt``."""
 _DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}
 _SHARD_WRITER = re.compile(r"^__(\d+)_")
 """DCP names the files rank r writes ``__<r>_<n>.distcp``."""
@@ -260,6 +262,17 @@ class FSDPStrategy(DistributedStrategy):
         """The model itself: FSDP2 shards the user's module in place."""
         return model
 
+    def reshard(self, model: nn.Module) -> None:
+        """Free every gathered copy of the parameters and register the sharded ones.
+
+        After an evaluation's forward FSDP keeps the root's parameters gathered (it frees
+        them in the next backward), and the next forward would use that copy; parameters
+        written in place meanwhile (an EMA's swap) must be gathered again.
+        """
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     def _teardown_distributed(self) -> None:
         try:
             # A save in flight completes first: its thread needs the group.
@@ -339,7 +352,7 @@ class FSDPStrategy(DistributedStrategy):
             # (no rank writes before dcp.save's planning, which waits for rank 0).
             (path / COMPLETE_MARKER).unlink(missing_ok=True)
         rest = dict(state)
-        shards = {key: rest.pop(key) for key in _SHARDED if key in rest}
+        shards = {key: rest.pop(key) for key in (*_SHARDED, *self._states) if key in rest}
         if self._async_save is not None:
             extra = copy.deepcopy(rest) if self.is_main_process else None
             self._in_flight = (path, self._async_save.submit(shards, path, extra))
@@ -401,6 +414,23 @@ class FSDPStrategy(DistributedStrategy):
             # lr 0), which a model-only load must not do.
             target = self._load_shards(path, {"optim": self.optim_state_dict()})
             self.load_optim_state_dict(target["optim"])
+
+    def _restore_registered(self, checkpoint: Mapping[str, Any], path: Path) -> None:
+        """Load each registered state from the shards into its own (sharded) tensors.
+
+        Only the names the checkpoint holds are loaded (a callback added on resume starts
+        fresh); names it holds that this run lacks are handed over empty, to be reported.
+        """
+        saved = SafeReader(path).read_metadata()
+        for key, stateful in self._states.items():
+            names = {str(fqn[1]) for fqn in saved.planner_data.values() if fqn[0] == key}
+            if len(names) == 0:
+                stateful.load_state_dict({})
+                continue
+            own = stateful.state_dict()
+            target = {name: value for name, value in own.items() if name in names}
+            loaded = self._load_shards(path, {key: target})[key] if target else {}
+            stateful.load_state_dict({**{name: {} for name in names - set(own)}, **loaded})
 
     def _model_target(self, saved: dcp.Metadata) -> dict[str, Any]:
         """Where each saved model entry loads: this run's shard, or a whole tensor.
@@ -563,6 +593,18 @@ def export_model_state(path: Path, *, check: bool = True) -> dict[str, torch.Ten
         CheckpointError: The folder is incomplete, corrupt, or its pickles name globals
             that DCP's metadata does not use.
     """
+    state = read_sharded_entries(path, ("model",), check=check)
+    if "model" not in state:
+        raise CheckpointError(f"Checkpoint {path} has no model state; it was not written by xp.")
+    return {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
+
+
+def read_sharded_entries(path: Path, keys: Sequence[str], *, check: bool = True) -> dict[str, Any]:
+    """Entries of an FSDP checkpoint folder's shards (``model``, ``callbacks``...), whole.
+
+    Read in this one process, without a process group; an entry the folder lacks is left
+    out. Raises as :func:`export_model_state`.
+    """
     path = Path(path)
     if not is_complete(path):
         raise CheckpointError(
@@ -572,20 +614,21 @@ def export_model_state(path: Path, *, check: bool = True) -> dict[str, torch.Ten
     if check:
         verify(path)
     reader = SafeReader(path)
-    reader.read_metadata()  # its refusal, before DCP would wrap it in its own exception
+    # Its refusal first, before DCP would wrap it in its own exception.
+    metadata = reader.read_metadata()
+    present = {str(fqn[0]) for fqn in metadata.planner_data.values()} & set(keys)
+    if not present:
+        return {}
     with warnings.catch_warnings():
         # It warns that it assumes a single process, which is the point here.
         warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
         try:
-            state = _load_state_dict_from_keys({"model"}, storage_reader=reader)
+            return _load_state_dict_from_keys(present, storage_reader=reader)
         except dcp.CheckpointException as e:
             _raise_refusal(e)
             raise CheckpointError(
                 f"Checkpoint {path} could not be read ({str(e).strip().splitlines()[-1]})."
             ) from e
-    if "model" not in state:
-        raise CheckpointError(f"Checkpoint {path} has no model state; it was not written by xp.")
-    return {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
 
 
 class SafeReader(dcp.FileSystemReader):
