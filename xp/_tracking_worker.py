@@ -14,13 +14,20 @@ From the tracker, in this order:
 - ``("setup", dict)``: the store, the run to create or re-open, its start time.
 - ``("metrics", [(key, value, timestamp_ms, step), ...], through_step)`` and
   ``("op", what, request)``, as often as there is something to hand over.
-- ``("close", status, end_time_ms, patience_s)``: write the rest, giving up after
+- ``("close", status, end_time_ms, patience_s, keep)``: write the rest, giving up after
   ``patience_s`` without progress, then end the run with ``status`` at ``end_time_ms``.
+  ``keep``: then wait for the next run's ``setup`` instead of exiting (a sweep's jobs,
+  one after the other in one process, share one writer: its imports and its store
+  connection are paid once).
 
 To the tracker: ``("ready", run_id)`` or ``("failed", message, detail)``; then any of
 ``("log", level, text)``, ``("store", up, reason)`` (the store stopped or started taking
 writes), ``("progress", done_points, written_through_step, written_ops, handled_ops,
-refused_points, overflow_points)``; last ``("report", terminated, last_error)``.
+refused_points, overflow_points)``; last ``("report", terminated, last_error, stays)``,
+sent once the run's end is written (or given up on). ``stays``: this writer takes the
+next ``setup`` on the same pipes (it was asked to keep and nothing went wrong); else it
+exits. Each run is a whole exchange from ``setup`` to ``report``; between runs a kept
+writer holds no run and no lock, and leaves when its pipe closes or its parent dies.
 
 When either side dies:
 
@@ -28,7 +35,9 @@ When either side dies:
   or the parent pid changes (a data loader worker may hold the pipe open). The worker
   writes what it was handed, leaves the run RUNNING so that ``resume=`` continues it, and
   exits: after at most a few seconds without progress, even in the middle of a request
-  to a store that does not answer.
+  to a store that does not answer. A kept writer between runs has nothing to write: it
+  exits at once. Every run it closed before is complete in the store (the tracker's
+  ``close()`` returned only after its ``report``).
 - The worker dies (killed): the tracker's pipe closes; it warns once, training goes on,
   and its ``close()`` raises :class:`xp.tracking.TrackingIncomplete`.
 
@@ -182,7 +191,9 @@ class _Writer:
         return True
 
     def read(self, inbox: Connection) -> None:
-        """The reader thread: keeps the pipe drained whatever the writer is doing."""
+        """The reader thread: keeps the pipe drained whatever the writer is doing, until
+        ``close`` (nothing of this run follows it; a kept writer's next ``setup`` is read
+        by :func:`main`) or end-of-file (the training process is gone)."""
         try:
             while True:
                 message = inbox.recv()
@@ -192,11 +203,13 @@ class _Writer:
                 elif kind == "op":
                     with self._lock:
                         self._ops.append((message[1], message[2]))
-                self.inbox.put(message if kind == "close" else ("data",))
+                elif kind == "close":
+                    self.inbox.put(message)
+                    return
+                self.inbox.put(("data",))
         except (EOFError, OSError):
             pass
-        finally:
-            self.inbox.put(("gone",))
+        self.inbox.put(("gone",))
 
     def _take_points(self, points: list[_Point], through: int) -> None:
         with self._lock:
@@ -229,31 +242,39 @@ class _Writer:
 
     # ------------------------------------------------------------------- main loop
 
-    def run(self) -> int:
+    def run(self) -> tuple[bool, int]:
+        """Serve this run from its setup to its report.
+
+        Returns:
+            (whether this writer takes the next run's setup; the exit status if not).
+        """
         try:
             client = self._open_run()
         except Exception as exc:
             self.send("failed", self._describe_failure(exc), redact_secrets(traceback.format_exc()))
-            return 1
+            return False, 1
         self.send("ready", self.run_id)
-        terminated = False
+        terminated = keep = False
         try:
             close = self._serve(client)
             if close is None:
                 # The training process is gone: the run stays RUNNING, for resume= to end.
                 self._flush_patiently(client, _FINAL_RETRY_S)
                 self._stop_monitor()
-                return 0
-            _, status, end_time_ms, patience_s = close
+                return False, 0
+            _, status, end_time_ms, patience_s, keep = close
             terminated = self._flush_patiently(client, patience_s, status, end_time_ms)
         except Exception:
+            keep = False  # what state it left is unknown: the next run gets a fresh writer
             self.log.error(
                 "The MLflow writer failed; run %s:\n%s", self.run_id, traceback.format_exc()
             )
         self._stop_monitor()
         self._report_progress()
-        self.send("report", terminated, _first_line(self._last_error) if self._last_error else None)
-        return 0
+        stays = bool(keep) and not self.orphaned.is_set()
+        error = _first_line(self._last_error) if self._last_error else None
+        self.send("report", terminated, error, stays)
+        return stays and self._outbox_open, 0
 
     def _serve(self, client: MlflowClient) -> tuple[Any, ...] | None:
         """Write what arrives until close (returned) or until the training process is gone."""
@@ -288,11 +309,9 @@ class _Writer:
     # ------------------------------------------------------------------- the run
 
     def _open_run(self) -> MlflowClient:
-        from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        _create_sqlite_store_atomically(self.tracking_uri)
-        client = MlflowClient(self.tracking_uri)
+        client = _client(self.tracking_uri)
         if self.reopen_id is not None:
             self._hold_run_lock(self.reopen_id)
             run = client.get_run(self.reopen_id)
@@ -685,6 +704,21 @@ def _size_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
+_CLIENTS: dict[str, MlflowClient] = {}
+"""One client per store for the writer's life: a kept writer's next run reuses its store
+object (SQL stores verify their schema when they are made: tens of milliseconds)."""
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    _create_sqlite_store_atomically(tracking_uri)
+    client = _CLIENTS.get(tracking_uri)
+    if client is None:
+        from mlflow import MlflowClient
+
+        client = _CLIENTS[tracking_uri] = MlflowClient(tracking_uri)
+    return client
+
+
 def _try(action: Callable[[], Any]) -> None:
     """Best effort for clean-up steps whose failure must not hide the real outcome."""
     try:
@@ -725,12 +759,23 @@ class _RedactingStream:
         return getattr(self._stream, name)
 
 
-def _watch_parent(writer: _Writer) -> None:
+class _Serving:
+    """The run a writer serves now (None between the runs of a kept writer)."""
+
+    writer: _Writer | None = None
+
+
+def _watch_parent(serving: _Serving, parent_pid: int) -> None:
     """A thread: once the training process is gone, the writer has a few seconds without
     progress to finish (it writes what it was handed); then this ends the process, even
-    in the middle of a request to a store that does not answer. The run stays RUNNING."""
-    while os.getppid() == writer.parent_pid:
+    in the middle of a request to a store that does not answer. The run stays RUNNING.
+    A kept writer between runs has nothing left to write: it leaves at once."""
+    while os.getppid() == parent_pid:
         time.sleep(_POLL_S)
+    writer = serving.writer
+    if writer is None:
+        _leave(0)
+        return
     writer.orphaned.set()
     writer.inbox.put(("gone",))
     gone_at = time.monotonic()
@@ -764,7 +809,8 @@ def _same_file(handle: IO[str], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve one tracker: ``READ_FD WRITE_FD PARENT_PID [--early] [--after-fd=FD]``.
+    """Serve a tracker's run (or, kept, the runs of a sweep's jobs in turn): ``READ_FD
+    WRITE_FD PARENT_PID [--early] [--after-fd=FD]``.
 
     ``--early``: started by :func:`xp.tracking.start_early_writer` before the run is known;
     imports mlflow while it waits for the run's setup. ``--after-fd``: first waits for FD
@@ -787,37 +833,51 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # the command ended before it trained (Hydra refused it)
     if early:
         _warm_up()
+    serving = _Serving()
+    threading.Thread(
+        target=_watch_parent, args=(serving, parent_pid), name="xp-tracking-watchdog", daemon=True
+    ).start()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        # The tracker's close() gave up on a store that does not answer: leave no lock file.
+        if serving.writer is not None:
+            serving.writer.release_run_lock()
+        _leave(1)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    while True:  # one run, or the runs of a sweep's jobs one after the other
+        setup = _next_setup(inbox, parent_pid)
+        if setup is None:
+            _leave(0)
+            return 0
+        _take_environ(setup.get("environ", {}))
+        writer = serving.writer = _Writer(setup, outbox, parent_pid)
+        threading.Thread(
+            target=writer.read, args=(inbox,), name="xp-tracking-reader", daemon=True
+        ).start()
+        try:
+            stays, code = writer.run()
+        finally:
+            writer.release_run_lock()
+            serving.writer = None
+        if not stays:
+            _leave(code)
+            return code
+
+
+def _next_setup(inbox: Connection, parent_pid: int) -> dict[str, Any] | None:
+    """The next run's setup; None once the training process has gone (or closed the pipe)."""
     try:
         # A forked child of the training process (a data loader worker) may hold the pipe
         # open after the training process is gone: the parent pid tells.
         while not inbox.poll(_POLL_S):
             if os.getppid() != parent_pid:
-                return 0
+                return None
         kind, setup = inbox.recv()
     except (EOFError, OSError):
-        return 0  # the training process went away before it said anything (or never used it)
+        return None  # the training process went away before it said anything (or never used it)
     assert kind == "setup", kind
-    _take_environ(setup.get("environ", {}))
-    writer = _Writer(setup, outbox, parent_pid)
-    threading.Thread(
-        target=writer.read, args=(inbox,), name="xp-tracking-reader", daemon=True
-    ).start()
-    threading.Thread(
-        target=_watch_parent, args=(writer,), name="xp-tracking-watchdog", daemon=True
-    ).start()
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        # The tracker's close() gave up on a store that does not answer: leave no lock file.
-        writer.release_run_lock()
-        _leave(1)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        code = writer.run()
-    finally:
-        writer.release_run_lock()
-    _leave(code)
-    return code
+    return dict(setup)
 
 
 if __name__ == "__main__":

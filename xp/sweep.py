@@ -47,7 +47,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from xp.log import say
-from xp.tracking import client, default_artifact_location, default_tracking_uri, flatten_params
+from xp.tracking import (
+    client,
+    default_artifact_location,
+    default_tracking_uri,
+    drop_early_writer,
+    flatten_params,
+    keep_writers,
+)
 
 if TYPE_CHECKING:
     from xp.resume import ResumeTarget  # imports torch
@@ -762,6 +769,8 @@ class SweepCallback(Callback):
         atexit.register(self._end_if_cut_short)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        keep_writers(False)
+        drop_early_writer()  # the jobs' writer, kept between them
         self._end("FINISHED")
 
     def _end_if_cut_short(self) -> None:
@@ -801,6 +810,10 @@ class SweepCallback(Callback):
         _PLAN = None
         if config.hydra.mode != RunMode.MULTIRUN:
             return
+        # Jobs that run one after the other in this process (Hydra's basic launcher, a
+        # joblib worker) share one MLflow writer: its start-up (a second or two) is paid
+        # once, not per job; each job's record is still complete when the job ends.
+        keep_writers(True)
         if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
             # submitit warns with SIGUSR2 before a time limit; xp's graceful stop (save,
             # mark the run KILLED, requeue) listens to SIGUSR1, and the requeued job

@@ -390,7 +390,11 @@ class _Op:
 _WriterHandle = tuple["subprocess.Popen[bytes]", "Connection", "Connection"]
 """A writer process, the pipe to it and the pipe from it."""
 
-_EARLY_WRITER: _WriterHandle | None = None
+_SPARE_WRITER: _WriterHandle | None = None
+"""A writer that serves no run yet: started early (:func:`start_early_writer`), or kept
+from this process's last run (:func:`keep_writers`). The next tracker started here takes it."""
+
+_KEEP_WRITERS = False
 
 
 def _spawn_writer(
@@ -434,6 +438,20 @@ def _spawn_writer(
     return process, to_writer, from_writer
 
 
+def keep_writers(keep: bool = True) -> None:
+    """Keep each run's writer process for the next run this process tracks (a sweep's jobs).
+
+    A writer costs a second or two before it writes anything (a fresh interpreter, mlflow's
+    imports, the store's schema check): once per run is fine, once per job of a sweep of
+    short jobs is most of each job. Kept, a tracker's :meth:`MlflowTracker.close` still
+    returns only once the writer has recorded the run's end; the writer then waits for the
+    next run's setup. It leaves when this process exits or :func:`drop_early_writer` lets
+    it go.
+    """
+    global _KEEP_WRITERS
+    _KEEP_WRITERS = keep
+
+
 def start_early_writer(after_fd: int | None = None) -> None:
     """Start the writer of the run this process is about to train, before it knows the run.
 
@@ -445,17 +463,21 @@ def start_early_writer(after_fd: int | None = None) -> None:
     it starts importing once that descriptor reads end-of-file (:mod:`xp.prefork`: once the
     parent process has composed the config).
     """
-    global _EARLY_WRITER
-    if _EARLY_WRITER is None:
+    global _SPARE_WRITER
+    if _SPARE_WRITER is None:
         try:
-            _EARLY_WRITER = _spawn_writer(dict(os.environ), early=True, after_fd=after_fd)
+            _SPARE_WRITER = _spawn_writer(dict(os.environ), early=True, after_fd=after_fd)
         except TrackingError:
             return  # the tracker starts its own, and reports if that fails too
 
 
 def drop_early_writer() -> None:
-    """Let the early writer go unused (tracking is off): it leaves once its pipe closes."""
-    writer = _take_early_writer()
+    """Let the spare writer (started early, or kept from the last run) go unused: it
+    leaves once its pipe closes."""
+    _release(_take_spare_writer())
+
+
+def _release(writer: _WriterHandle | None) -> None:
     if writer is not None:
         writer[1].close()
         writer[2].close()
@@ -463,14 +485,22 @@ def drop_early_writer() -> None:
         threading.Thread(target=writer[0].wait, name="xp-mlflow-reaper", daemon=True).start()
 
 
-def _take_early_writer() -> _WriterHandle | None:
-    global _EARLY_WRITER
-    writer, _EARLY_WRITER = _EARLY_WRITER, None
+def _take_spare_writer() -> _WriterHandle | None:
+    global _SPARE_WRITER
+    writer, _SPARE_WRITER = _SPARE_WRITER, None
     if writer is not None and writer[0].poll() is not None:  # it died: start another
         writer[1].close()
         writer[2].close()
         return None
     return writer
+
+
+def _keep_spare_writer(writer: _WriterHandle) -> None:
+    global _SPARE_WRITER
+    if _SPARE_WRITER is None:
+        _SPARE_WRITER = writer
+    else:  # an early writer nobody took meanwhile: one spare is enough
+        _release(writer)
 
 
 class MlflowTracker:
@@ -545,7 +575,8 @@ class MlflowTracker:
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._closed = False
-        self._close_request: tuple[Any, ...] = ("close", "FINISHED", 0, 0.0)
+        self._close_request: tuple[Any, ...] = ("close", "FINISHED", 0, 0.0, False)
+        self._writer_stays = False  # it serves the next run of this process (keep_writers)
         self._run_id: str | None = None
         self._failure: BaseException | None = None
         self._failure_message = ""
@@ -726,10 +757,10 @@ class MlflowTracker:
     def close(self, status: str = "FINISHED", error: str | None = None) -> None:
         """Write everything queued, record ``error``, end the run with ``status``.
 
-        Waits for the writer process to write and exit; while the store takes nothing
-        (down, or not answering), at most ``tracking.close_timeout_s``. The run's end
-        time is the time of this call. Idempotent; before ``start()`` it only marks the
-        tracker closed.
+        Waits for the writer process to write and exit (kept by :func:`keep_writers`:
+        until it has written the run's end); while the store takes nothing (down, or not
+        answering), at most ``tracking.close_timeout_s``. The run's end time is the time
+        of this call. Idempotent; before ``start()`` it only marks the tracker closed.
 
         Args:
             status: FINISHED, FAILED or KILLED.
@@ -761,12 +792,13 @@ class MlflowTracker:
             self._ops.append(_Op("error tag", ("error", error)))
             self._ops.append(_Op("error.txt", ("error_text", error)))
         patience_s = float(self.settings.close_timeout_s)
-        self._close_request = ("close", status, end_time_ms, patience_s)
+        self._close_request = ("close", status, end_time_ms, patience_s, _KEEP_WRITERS)
         self._last_progress = time.monotonic()
         self._closing.set()
         self._wake.set()
         noticed = False
-        # The receiver ends when the writer closes its pipe, i.e. when it exits.
+        # The receiver ends with the writer's report (a kept writer), or when the writer
+        # closes its pipe, i.e. when it exits.
         while receiver.is_alive():
             receiver.join(_RETRY_PAUSE_S)
             idle_s = time.monotonic() - self._last_progress
@@ -784,9 +816,18 @@ class MlflowTracker:
                 self._gave_up = True
                 _stop(process)
                 break
-        code = process.wait()
         receiver.join()
         sender.join()
+        if self._writer_stays:
+            # It recorded the run's end (its report says how far it got) and waits for
+            # this process's next run.
+            assert self._to_writer is not None and self._from_writer is not None
+            _keep_spare_writer((process, self._to_writer, self._from_writer))
+            code = 0
+        else:
+            if self._to_writer is not None:
+                self._to_writer.close()  # asked to stay, it did not: it exits
+            code = process.wait()
         if self._failure is not None:
             if not self._failure_surfaced:
                 self._raise_if_failed()
@@ -908,7 +949,7 @@ class MlflowTracker:
 
     def _launch(self, env: dict[str, str]) -> None:
         """Take the early writer of this process, if it started one, else start a writer."""
-        self._process, self._to_writer, self._from_writer = _take_early_writer() or _spawn_writer(
+        self._process, self._to_writer, self._from_writer = _take_spare_writer() or _spawn_writer(
             env
         )
 
@@ -941,13 +982,15 @@ class MlflowTracker:
         return True
 
     def _send_loop(self) -> None:
+        kept_open = False
         try:
             self._send(("setup", self._setup()))
             while True:
                 closing = self._closing.is_set()
                 self._hand_over()
                 if closing:
-                    self._send(self._close_request)
+                    # Asked to stay, the writer reads the next run's setup from this pipe.
+                    kept_open = self._send(self._close_request) and bool(self._close_request[4])
                     return
                 self._watch_for_stall()
                 self._wake.wait(self.settings.flush_interval_s)
@@ -956,7 +999,8 @@ class MlflowTracker:
             self._log.exception("The MLflow sender thread failed; run %s", self._run_id)
         finally:
             assert self._to_writer is not None
-            self._to_writer.close()  # the writer's signal that no more will come
+            if not kept_open:
+                self._to_writer.close()  # the writer's signal that no more will come
 
     def _outstanding(self) -> bool:
         points = self._sent_points - self._done_points - self._writer_refused_points
@@ -1096,42 +1140,49 @@ class MlflowTracker:
                 elif kind == "failed":
                     self._fail(message[1], message[2])
                 elif kind == "report":
-                    self._terminated, error = message[1], message[2]
+                    self._terminated, error, stays = message[1], message[2], message[3]
                     self._last_error = error or self._last_error
+                    if stays:  # the run is over; the pipes stay open for the next one
+                        self._writer_stays = True
+                        return
         except (EOFError, OSError):
             pass  # the writer exited
         except Exception:
             self._log.exception("The MLflow receiver thread failed; run %s", self._run_id)
-        finally:
-            self._from_writer.close()
-            self._writer_gone = True
-            if not self._ready.is_set():
-                code = self._exit_code()
-                hint = (
-                    "HINT: run it again; set tracking.enabled=false to train without MLflow."
-                    if code is not None and code < 0
-                    else "Its own error, if any, is printed above. HINT: check that mlflow is "
-                    f"installed in {sys.executable}, or set tracking.enabled=false."
-                )
-                self._fail(
-                    f"The MLflow writer process for {self.shown_uri} exited with "
-                    f"{_exit_text(code)} before the run was created. {hint}",
-                    "",
-                )
-            elif self._failure is None and not self._closing.is_set():
-                self._writer_died = True
-                code = self._exit_code()
-                self._last_error = f"it exited with {_exit_text(code)}"
-                self._log.warning(
-                    "The MLflow writer process of run %s exited with %s while the run "
-                    "trains; training goes on, but from now on nothing reaches %s (the "
-                    "checkpoints keep the metrics). The run will be reported incomplete: "
-                    "`python -m xp resume=%s` completes it.",
-                    self._run_id,
-                    _exit_text(code),
-                    self.shown_uri,
-                    self._run_id,
-                )
+        self._writer_exited()
+
+    def _writer_exited(self) -> None:
+        """The receiver's end: the writer closed its pipe (it exited, or it died)."""
+        assert self._from_writer is not None
+        self._from_writer.close()
+        self._writer_gone = True
+        if not self._ready.is_set():
+            code = self._exit_code()
+            hint = (
+                "HINT: run it again; set tracking.enabled=false to train without MLflow."
+                if code is not None and code < 0
+                else "Its own error, if any, is printed above. HINT: check that mlflow is "
+                f"installed in {sys.executable}, or set tracking.enabled=false."
+            )
+            self._fail(
+                f"The MLflow writer process for {self.shown_uri} exited with "
+                f"{_exit_text(code)} before the run was created. {hint}",
+                "",
+            )
+        elif self._failure is None and not self._closing.is_set():
+            self._writer_died = True
+            code = self._exit_code()
+            self._last_error = f"it exited with {_exit_text(code)}"
+            self._log.warning(
+                "The MLflow writer process of run %s exited with %s while the run "
+                "trains; training goes on, but from now on nothing reaches %s (the "
+                "checkpoints keep the metrics). The run will be reported incomplete: "
+                "`python -m xp resume=%s` completes it.",
+                self._run_id,
+                _exit_text(code),
+                self.shown_uri,
+                self._run_id,
+            )
 
     def _exit_code(self) -> int | None:
         assert self._process is not None

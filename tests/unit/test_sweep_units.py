@@ -1,8 +1,14 @@
-"""xp.sweep and xp.compare without processes: the config hash, directions, tables, checks."""
+"""xp.sweep and xp.compare: the config hash, directions, tables, checks; a sweep's jobs sharing
+one MLflow writer (in a process of their own)."""
 
 from __future__ import annotations
 
 import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -290,3 +296,60 @@ def test_a_run_without_params_does_not_make_every_param_differ(many_params: str)
     assert [row[0] for row in rows] == ["run2", "run1", "run0", "failed-early"]
     assert "same.key_00" not in header and "model.layer_00" in header
     assert header.index("_swept.optim.lr") < header.index("model.layer_00")
+
+
+JOBS_IN_ONE_PROCESS = """
+import json, os, sys, tempfile
+from pathlib import Path
+from xp.config import TrackingConfig
+from xp.tracking import MlflowTracker, keep_writers
+
+keep_writers(True)  # what SweepCallback.on_job_start does in a job's process
+for job in range(2):
+    tracker = MlflowTracker(
+        TrackingConfig(flush_interval_s=0.05), tracking_uri=sys.argv[1], experiment_name="sweep",
+        run_name=f"job {job}", params={"optim.lr": str(job)},
+    )
+    tracker.start()
+    for step in range(1, 21):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+    checkpoint = Path(tempfile.mkdtemp()) / "step_00000020.pt"
+    checkpoint.write_text("weights")
+    tracker.log_artifact(checkpoint)
+    tracker.close("FINISHED")
+    print(json.dumps({"run_id": tracker.run_id, "writer": tracker._process.pid}), flush=True)
+os._exit(0)  # dies between jobs, its writer idle
+"""
+
+
+def test_jobs_in_one_process_share_a_writer_and_each_run_is_complete_when_it_ends(
+    mlflow_uri: str, tmp_path: Path
+) -> None:
+    """A sweep's jobs (Hydra's basic launcher: one process) pay the MLflow writer's start-up
+    once: each job's run is FINISHED with every point and file when its close() returns, the
+    next job's run goes through the same writer, and the writer leaves with the process."""
+    from mlflow import MlflowClient
+
+    script = tmp_path / "jobs.py"
+    script.write_text(JOBS_IN_ONE_PROCESS)
+    out = subprocess.run(
+        [sys.executable, str(script), mlflow_uri], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(jobs) == 2
+    assert jobs[0]["writer"] == jobs[1]["writer"]  # one writer for both jobs
+    client = MlflowClient(mlflow_uri)
+    for job in jobs:
+        run = client.get_run(job["run_id"])
+        assert run.info.status == "FINISHED"
+        assert len(client.get_metric_history(job["run_id"], "train/loss")) == 20
+        assert [a.path for a in client.list_artifacts(job["run_id"])] == ["step_00000020.pt"]
+    assert {client.get_run(j["run_id"]).data.params["optim.lr"] for j in jobs} == {"0", "1"}
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{jobs[0]['writer']}").exists():
+        stat = Path(f"/proc/{jobs[0]['writer']}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            break  # exited; its zombie waits for init
+        assert time.monotonic() < deadline, "the kept writer outlived its process"
+        time.sleep(0.1)
