@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from benchmarks import Skipped, checkpoint, ddp, startup, step
+from benchmarks import Skipped, callbacks, checkpoint, ddp, startup, step
 
 HERE = Path(__file__).resolve().parent
 
@@ -172,6 +172,23 @@ CASES = {
         rounds=3,
     ),
     **_anchor_cases,
+    **{
+        f"callbacks_{variant}": Case(
+            partial(callbacks.measure, variant),
+            f"step, tiny model, {what} (validation every epoch, no MLflow or checkpoints)",
+            "the same loop before callbacks existed (xp/trainer.py at 67f7020)",
+            STEADY,
+            target,
+            higher_is_better=False,
+            note=callbacks.note,
+            rounds=STEP_ROUNDS,
+        )
+        for variant, what, target in (
+            ("none", "no callbacks", 1.01),
+            ("early_stopping", "EarlyStopping on val/loss (never stopping)", 1.01),
+            ("ema", "EMA(decay=0.999) every step, validating the average", 1.05),
+        )
+    },
 }
 
 

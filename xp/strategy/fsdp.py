@@ -265,9 +265,11 @@ class FSDPStrategy(DistributedStrategy):
     def reshard(self, model: nn.Module) -> None:
         """Free every gathered copy of the parameters and register the sharded ones.
 
-        After an evaluation's forward FSDP keeps the root's parameters gathered (it frees
-        them in the next backward), and the next forward would use that copy; parameters
-        written in place meanwhile (an EMA's swap) must be gathered again.
+        The root does not reshard after its forward (its parameters are used again in
+        backward), so after an evaluation its gathered copy stays registered until
+        something reshards it; FSDP's maintainers advise an explicit ``reshard()`` there
+        (pytorch/pytorch#154655). Shards written in place meanwhile (an EMA's swap) must
+        be what the next forward gathers.
         """
         for module in model.modules():
             if isinstance(module, FSDPModule):
