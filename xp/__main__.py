@@ -82,6 +82,12 @@ def _ui(argv: list[str]) -> int:
         default=None,
         help="default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes (default 1: one person's UI starts in seconds; MLflow's is 4)",
+    )
     args = parser.parse_args(argv)
     from xp.tracking import default_tracking_uri
 
@@ -92,14 +98,30 @@ def _ui(argv: list[str]) -> int:
     cmd = [
         sys.executable, "-m", "mlflow", "ui",
         "--backend-store-uri", uri,
+        # Artifacts logged through this server (mlflow-artifacts:/) land beside the store,
+        # not in ./mlartifacts of wherever `xp ui` was started: another `xp ui` finds them.
+        "--artifacts-destination", str(_artifacts_beside(uri)),
         "--host", args.host,
         "--port", str(args.port),
+        "--workers", str(args.workers),
     ]  # fmt: skip
     say(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)")
     try:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
         return 0
+
+
+def _artifacts_beside(uri: str) -> Path:
+    """``mlartifacts/`` beside a SQLite database or a file store (outputs/mlartifacts for
+    xp's default store), where xp's own runs keep their artifacts too."""
+    if uri.lower().startswith("sqlite:///"):
+        store = Path(uri[len("sqlite:///") :])
+    else:
+        from urllib.parse import unquote, urlsplit
+
+        store = Path(unquote(urlsplit(uri).path) if uri.startswith("file:") else uri)
+    return store.absolute().parent / "mlartifacts"
 
 
 def _export(argv: list[str]) -> int:

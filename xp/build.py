@@ -338,6 +338,8 @@ def build_tracker(
     if target is not None and not cfg.get("test"):
         tags["xp.resumed_from"] = target.checkpoint
         tags["xp.resume_overrides"] = " ".join(target.overrides)
+    if target is not None and target.run_dir_history:  # it moved: another machine's run
+        tags["xp.run_dir_history"] = "\n".join(target.run_dir_history)
     if cfg.load_from:
         tags["xp.load_from"] = str(cfg.load_from)
     if env is not None:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -59,6 +60,9 @@ class ResumeTarget:
     """The ``--config-dir`` directories the run was composed with."""
     overrides: tuple[str, ...] = ()
     """The overrides given with ``resume=``/``test=`` now (applied, or refused with why)."""
+    run_dir_history: tuple[str, ...] = ()
+    """Where the run has lived (``host:directory``, oldest first), when it now moves to
+    another directory (its recorded one is absent here): the tag ``xp.run_dir_history``."""
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -71,6 +75,7 @@ class ResumeTarget:
         fields = json.loads(raw)
         fields["config_dirs"] = tuple(fields.get("config_dirs", ()))
         fields["overrides"] = tuple(fields.get("overrides", ()))
+        fields["run_dir_history"] = tuple(fields.get("run_dir_history", ()))
         return cls(**fields)
 
 
@@ -198,8 +203,15 @@ def _from_path(path: Path, key: str = "resume") -> tuple[Path, Path]:
     return path, path.parent.parent
 
 
+_RUN_FILES = ("run.json", "config.yaml", ".hydra")
+"""Downloaded beside a checkpoint: what resume= reads, and the run's Hydra record."""
+HISTORY_TAG = "xp.run_dir_history"
+
+
 def _download_checkpoint(client: Any, run: Any, run_dir: Path) -> Path | None:
-    """Fetch the newest checkpoint of a run from its artifacts into ``run_dir``."""
+    """Fetch the newest checkpoint of a run from its artifacts into ``run_dir``, with the
+    run's config, facts, ``.hydra/`` and log (the resumed run appends to that log, so the
+    uploaded log stays whole); the newest checkpoint there that verifies, or None."""
     try:
         listed = client.list_artifacts(run.info.run_id, "checkpoints")
     except Exception:  # a store without the artifact simply has nothing to offer
@@ -214,11 +226,75 @@ def _download_checkpoint(client: Any, run: Any, run_dir: Path) -> Path | None:
         local = Path(client.download_artifacts(run.info.run_id, f"checkpoints/{names[-1]}", tmp))
         final = target / local.name
         shutil.move(str(local), final)
-        for name in ("run.json", "config.yaml"):
-            # Older runs may lack them; the checkpoint carries copies.
-            with contextlib.suppress(Exception):
-                shutil.move(client.download_artifacts(run.info.run_id, name, tmp), run_dir / name)
-    return final if is_complete(final) else None
+        for name in _RUN_FILES:  # older runs may lack them; a checkpoint has run.json's facts
+            _fetch(client, run.info.run_id, name, tmp, run_dir)
+        _fetch(client, run.info.run_id, f"{_timestamp_of(run_dir, run)}.log", tmp, run_dir)
+    if not is_complete(final):
+        return None
+    return _latest_in(run_dir)
+
+
+def _fetch(client: Any, run_id: str, name: str, tmp: str, run_dir: Path) -> None:
+    """Download the artifact ``name`` to ``run_dir/name`` unless it is there, if it exists."""
+    if (run_dir / name).exists():
+        return
+    with contextlib.suppress(Exception):  # absent from the run's artifacts: nothing to fetch
+        shutil.move(client.download_artifacts(run_id, name, tmp), run_dir / name)
+
+
+def _timestamp_of(run_dir: Path, run: Any) -> str:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return str(json.loads((run_dir / "run.json").read_text())["timestamp"])
+    return str(run.info.run_name)
+
+
+def _host_dir(entry: str) -> tuple[str, str]:
+    host, sep, directory = entry.partition(":")
+    return (host, directory) if sep else ("", entry)
+
+
+def _where_it_lives(
+    client: Any, run: Any, experiment: str, outputs: Path
+) -> tuple[Path, tuple[str, ...]]:
+    """The directory a run continues in on this machine, and the history to record.
+
+    Its recorded directory (tag ``xp.run_dir``) if that exists here; else the newest
+    directory of its history that does (a run that came back to a machine it was resumed
+    on); else one in this machine's ``outputs/<experiment>/<its name>`` (``_2``, ``_3``...
+    after the name where another run of the store lives), e.g. for a run started on
+    another machine. The history (``host:directory`` lines, oldest first) is returned
+    only when the run moves.
+    """
+    tags = run.data.tags
+    recorded = Path(tags.get("xp.run_dir") or outputs / experiment / run.info.run_name)
+    past = [e for e in tags.get(HISTORY_TAG, "").splitlines() if e.strip()]
+    if not past:
+        past = [f"{tags.get('xp.hostname', '')}:{recorded}"]
+    if recorded.is_dir():
+        return recorded, ()
+    here = socket.gethostname()
+    for entry in reversed(past):
+        lived = Path(_host_dir(entry)[1])
+        if lived.is_dir() and lived.is_absolute():
+            return lived, (*past, f"{here}:{lived}")
+    local = outputs.absolute() / experiment / recorded.name
+    n = 2
+    while _lived_in_by_another(client, run, local):
+        local = outputs.absolute() / experiment / f"{recorded.name}_{n}"
+        n += 1
+    return local, (*past, f"{here}:{local}")
+
+
+def _lived_in_by_another(client: Any, run: Any, directory: Path) -> bool:
+    """Whether another run of the experiment records ``directory`` as its own (a folder
+    that ``load_from=`` of this run filled earlier is free to use again)."""
+    if not directory.exists() or not any(directory.iterdir()):
+        return False
+    quoted = str(directory).replace("'", "\\'")
+    others = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`xp.run_dir` = '{quoted}'"
+    )
+    return any(other.info.run_id != run.info.run_id for other in others)
 
 
 def resolve(
@@ -237,6 +313,7 @@ def resolve(
         ResumeError: unknown run id, a run of another experiment, no checkpoint, ...
     """
     run = None
+    history: tuple[str, ...] = ()
     if RUN_ID.match(spec):
         from mlflow.exceptions import MlflowException
 
@@ -260,7 +337,14 @@ def resolve(
                 f"{key}={spec} is a run of experiment {experiment!r}, not {experiment_name!r}; "
                 f"drop experiment_name={experiment_name} or give a run of that experiment."
             )
-        run_dir = Path(run.data.tags.get("xp.run_dir") or outputs / experiment / run.info.run_name)
+        run_dir, history = _where_it_lives(client, run, experiment, outputs)
+        if history:
+            say(
+                f"xp: {key}={spec}: the run's directory {run.data.tags.get('xp.run_dir')} is "
+                f"not on this machine; using {run_dir} (its checkpoint and config come from "
+                f"MLflow {redact_uri(tracking_uri)}).",
+                file=sys.stderr,
+            )
         checkpoint = _latest_in(run_dir) or _download_checkpoint(client, run, run_dir)
         if checkpoint is None:
             raise ResumeError(
@@ -290,6 +374,8 @@ def resolve(
         choices=dict(meta.get("choices", {})),
         timestamp=meta.get("timestamp"),
         config_dirs=tuple(meta.get("config_dirs", ())),
+        # load_from= starts a new run: the run it reads from stays where it was recorded.
+        run_dir_history=history if key in ("resume", "test") else (),
     )
 
 
