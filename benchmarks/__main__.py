@@ -177,7 +177,7 @@ CASES = {
             partial(callbacks.measure, variant),
             f"step, tiny model, {what} (validation every epoch, no MLflow or checkpoints)",
             "the same loop before callbacks existed (xp/trainer.py at 67f7020)",
-            STEADY,
+            "ms/step, in-process steady state (steps 101-2000)",
             target,
             higher_is_better=False,
             note=callbacks.note,
