@@ -40,6 +40,10 @@ When either side dies:
   ``close()`` returned only after its ``report``).
 - The worker dies (killed): the tracker's pipe closes; it warns once, training goes on,
   and its ``close()`` raises :class:`xp.tracking.TrackingIncomplete`.
+- Signals meant for the training process reach the worker too (Slurm signals every
+  process of a job step): it ignores SIGINT, SIGUSR1 and SIGUSR2, and a SIGTERM before
+  ``close``; the training process ends the run through it. A SIGTERM after ``close`` is the
+  tracker giving up on a store that does not answer: the worker leaves at once.
 
 A worker holds a lock on its run while it lives (``xp-mlflow-writer-<run id>.lock`` in
 the temp directory, removed when it ends); a worker that re-opens the run (resume,
@@ -152,6 +156,8 @@ class _Writer:
         self._send_lock = threading.Lock()
         self.log = _ParentLog(self.send)
         self.orphaned = threading.Event()
+        self.closing = False
+        """The training process asked to end the run (``close`` arrived)."""
 
         self.run_id: str | None = None
         self._lock = threading.Lock()  # guards the five fields below (reader and main thread)
@@ -204,6 +210,7 @@ class _Writer:
                     with self._lock:
                         self._ops.append((message[1], message[2]))
                 elif kind == "close":
+                    self.closing = True
                     self.inbox.put(message)
                     return
                 self.inbox.put(("data",))
@@ -839,12 +846,22 @@ def main(argv: list[str] | None = None) -> int:
     ).start()
 
     def on_sigterm(signum: int, frame: object) -> None:
+        writer = serving.writer
+        if writer is not None and not writer.closing and os.getppid() == parent_pid:
+            # Not the tracker's: Slurm signals every process of a job step (scancel, a
+            # requeue, the time limit). The training process got it too and ends the run
+            # through this writer; if it dies instead, the watchdog notices.
+            return
         # The tracker's close() gave up on a store that does not answer: leave no lock file.
-        if serving.writer is not None:
-            serving.writer.release_run_lock()
+        if writer is not None:
+            writer.release_run_lock()
         _leave(1)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Slurm's warnings (--signal=USR1@..., submitit's USR2) and srun's Ctrl-C reach every
+    # process of a job step too: they are the training process's to act on.
+    for signum in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
     while True:  # one run, or the runs of a sweep's jobs one after the other
         setup = _next_setup(inbox, parent_pid)
         if setup is None:
