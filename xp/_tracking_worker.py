@@ -160,6 +160,8 @@ class _Writer:
         """The training process asked to end the run (``close`` arrived)."""
 
         self.run_id: str | None = None
+        self._early_close: tuple[Any, ...] | None = None  # arrived while opening the run
+        self._close_since = 0.0
         self._lock = threading.Lock()  # guards the five fields below (reader and main thread)
         self._unsent: collections.deque[_Point] = collections.deque()
         self._ops: collections.deque[tuple[str, tuple[Any, ...]]] = collections.deque()
@@ -256,14 +258,18 @@ class _Writer:
             (whether this writer takes the next run's setup; the exit status if not).
         """
         try:
-            client = self._open_run()
+            client = self._open_patiently()
         except Exception as exc:
             self.send("failed", self._describe_failure(exc), redact_secrets(traceback.format_exc()))
             return False, 1
+        if client is None:  # the server never answered: the run does not exist there
+            error = _first_line(self._last_error) if self._last_error else None
+            self.send("report", False, error, False)
+            return False, 0
         self.send("ready", self.run_id)
         terminated = keep = False
         try:
-            close = self._serve(client)
+            close = self._early_close or self._serve(client)
             if close is None:
                 # The training process is gone: the run stays RUNNING, for resume= to end.
                 self._flush_patiently(client, _FINAL_RETRY_S)
@@ -315,12 +321,56 @@ class _Writer:
 
     # ------------------------------------------------------------------- the run
 
+    def _open_patiently(self) -> MlflowClient | None:
+        """Create or re-open the run; while an http(s) server does not answer, retry every
+        ``flush_interval_s`` (what the training hands over waits). None: given up, once the
+        training process went away, or closed the run and the server took nothing for the
+        close's patience."""
+        while True:
+            try:
+                client = self._open_run()
+            except Exception as exc:
+                if not _may_answer_later(self.tracking_uri, exc):
+                    raise
+                self._last_error = exc
+                if not self._store_down:
+                    self._store_down = True
+                    self.send("store", False, f"does not answer ({_first_line(exc)})")
+                if not self._wait_to_open_again():
+                    return None
+                continue
+            if self._store_down:
+                self._store_down = False
+                self.send("store", True, "")
+            return client
+
+    def _wait_to_open_again(self) -> bool:
+        """Wait ``flush_interval_s``, taking ``close`` from the inbox; False to give up."""
+        until = time.monotonic() + self.flush_interval_s
+        while True:
+            if self.orphaned.is_set():
+                return False
+            close = self._early_close
+            if close is not None and time.monotonic() - self._close_since >= close[3]:
+                return False
+            if time.monotonic() >= until:
+                return True
+            try:
+                message = self.inbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if message[0] == "gone":
+                return False
+            if message[0] == "close":
+                self._early_close, self._close_since = message, time.monotonic()
+
     def _open_run(self) -> MlflowClient:
         from mlflow.entities import Param
 
         client = _client(self.tracking_uri)
         if self.reopen_id is not None:
-            self._hold_run_lock(self.reopen_id)
+            if self._run_lock is None:  # a retry holds it already
+                self._hold_run_lock(self.reopen_id)
             run = client.get_run(self.reopen_id)
             if run.info.lifecycle_stage == "deleted":
                 raise TrackingError(
@@ -697,6 +747,17 @@ def _create_sqlite_store_atomically(uri: str) -> None:
             os.link(tmp, database)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _may_answer_later(tracking_uri: str, exc: BaseException) -> bool:
+    """Whether creating the run failed because an http(s) server did not answer (down,
+    unreachable, overloaded), not because it said no (credentials, a bad request)."""
+    if not tracking_uri.lower().startswith(("http://", "https://")):
+        return False
+    if isinstance(exc, TrackingError):
+        return False
+    refused = {"UNAUTHENTICATED", "PERMISSION_DENIED", *_PERMANENT_ERROR_CODES}
+    return getattr(exc, "error_code", None) not in refused
 
 
 def _is_permanent(exc: BaseException) -> bool:

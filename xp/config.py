@@ -574,6 +574,13 @@ class TrainerConfig:
     ended, the lr holding (hold)."""
 
 
+class ServerDownAtStart(str, Enum):
+    """What a run does when its MLflow server does not answer as it starts."""
+
+    buffer = "buffer"
+    stop = "stop"
+
+
 @dataclass
 class TrackingConfig:
     """MLflow tracking."""
@@ -595,6 +602,11 @@ class TrackingConfig:
     with the run RUNNING in MLflow and says what is missing; ``python -m xp resume=<run
     id>`` completes it from the last checkpoint. A single upload (a large checkpoint)
     must also finish within this time: raise it for slow links."""
+    server_down_at_start: ServerDownAtStart = ServerDownAtStart.buffer
+    """An http(s) tracking server that does not answer as the run starts: ``buffer`` trains
+    and keeps what the run records, as during an outage, and creates the run once the
+    server answers (with its real start time); ``stop`` stops the run before its first
+    step. Credentials the server refuses stop the run in both cases."""
     max_buffered_points: int = 1_000_000
     """Metric points kept in memory (about 170 bytes each, in the MLflow writer process)
     while the store does not take them; beyond this the oldest are dropped and counted

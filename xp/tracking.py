@@ -619,18 +619,21 @@ class MlflowTracker:
     def start(self) -> None:
         """Start the writer process and return at once (it opens the run meanwhile).
 
-        For an http(s) store, first checks that the server answers, so a wrong URI
-        fails before anything trains.
+        For an http(s) store, first checks that the server answers and takes this
+        process's credentials, so wrong ones fail before anything trains. A server that
+        does not answer is warned about once and the run is created when it answers
+        (``tracking.server_down_at_start=buffer``), or it stops the run (``stop``).
 
         Raises:
-            TrackingError: the MLflow server does not answer, or no writer process starts.
+            TrackingError: the MLflow server refuses the credentials, or does not answer
+                and ``tracking.server_down_at_start=stop``; or no writer process starts.
             RuntimeError: ``start()`` was already called.
         """
         if self._process is not None:
             raise RuntimeError("MlflowTracker.start() was already called; call it once per run.")
         env = dict(os.environ)
         if _is_http(self.tracking_uri):
-            _check_server(self.tracking_uri)
+            self._check_server()
             for name, value in _HTTP_RETRY_ENV.items():
                 env.setdefault(name, value)
         self._environ = {k: v for k, v in env.items() if k.startswith("MLFLOW_")}
@@ -643,6 +646,25 @@ class MlflowTracker:
         )
         self._sender.start()
         self._receiver.start()
+
+    def _check_server(self) -> None:
+        try:
+            _check_server(self.tracking_uri)
+        except TrackingError as e:
+            setting = getattr(self.settings, "server_down_at_start", "buffer")
+            if str(getattr(setting, "value", setting)) == "stop":
+                raise TrackingError(
+                    f"{e} (tracking.server_down_at_start=stop; =buffer trains meanwhile and "
+                    "records the run once the server answers)"
+                ) from None
+            self._store_down_changed(
+                False,
+                f"does not answer as the run starts ({_first_line(e.__cause__ or e, 120)}), "
+                "so the run is created there once it answers (tracking.server_down_at_start="
+                "stop stops instead)",
+            )
+            return
+        _check_credentials(self.tracking_uri)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the run exists.
@@ -661,10 +683,16 @@ class MlflowTracker:
         self._raise_if_failed()
 
     @property
-    def run_id(self) -> str:
-        """The run's id; blocks until the run exists (see :meth:`wait_ready`)."""
-        self.wait_ready()
-        assert self._run_id is not None
+    def run_id(self) -> str | None:
+        """The run's id; blocks until the run exists (see :meth:`wait_ready`). None while
+        the server has not answered to create it (``tracking.server_down_at_start=buffer``),
+        and after ``close()`` if it never did."""
+        if self._process is None:
+            raise RuntimeError("MlflowTracker.run_id needs start() first.")
+        while not self._ready.wait(_RETRY_PAUSE_S):
+            if self._store_down:
+                return None
+        self._raise_if_failed()
         return self._run_id
 
     @property
@@ -901,6 +929,8 @@ class MlflowTracker:
             f"the run ended {status}"
             if self._terminated
             else f"the run still shows RUNNING there, not {status}"
+            if self._run_id is not None
+            else "the run was never created there"
         )
         causes = []
         if self._writer_died:
@@ -922,6 +952,8 @@ class MlflowTracker:
             causes.append(waited)
         cause = "; ".join(causes)
         run = self._run_id or "(not created)"
+        # A run the store never created is resumed from its directory (it holds it all).
+        spec = self._run_id or self._tags.get("xp.run_dir") or "<run directory>"
         when, longer = (
             ("", "")
             if self._writer_died
@@ -932,7 +964,7 @@ class MlflowTracker:
         )
         message = redact_secrets(
             f"MLflow run {run} in {self.shown_uri} is incomplete: {missing}, and {state} "
-            f"({cause}). HINT: run `python -m xp resume={run}`{when}: it replays the missing "
+            f"({cause}). HINT: run `python -m xp resume={spec}`{when}: it replays the missing "
             "metric points from the run's last checkpoint, uploads its files again and "
             f"records its end{longer}."
         )
@@ -1142,6 +1174,7 @@ class MlflowTracker:
                 elif kind == "report":
                     self._terminated, error, stays = message[1], message[2], message[3]
                     self._last_error = error or self._last_error
+                    self._ready.set()  # never created, if not before: the store never answered
                     if stays:  # the run is over; the pipes stay open for the next one
                         self._writer_stays = True
                         return
@@ -1238,6 +1271,57 @@ def _check_server(uri: str) -> None:
         f"({redact_secrets(reason)}). HINT: start it "
         f"with `mlflow server --host {parts.hostname or '127.0.0.1'} --port {port}`, or unset "
         "MLFLOW_TRACKING_URI / tracking.tracking_uri to use the local SQLite store."
+    )
+
+
+def _check_credentials(uri: str) -> None:
+    """Raise TrackingError if the MLflow server at ``uri`` refuses this process's
+    credentials (``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``,
+    ``MLFLOW_TRACKING_TOKEN``, or a ``user:password@`` in the URI). Any other answer is
+    the writer's business."""
+    import base64
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(uri)
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), None
+    headers = {}
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+        given = "MLFLOW_TRACKING_TOKEN"
+    else:
+        password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        if user is None and parts.username is not None:
+            user = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "")
+        given = f"user {user!r}" if user else "no credentials"
+        if user is not None:
+            pair = f"{user}:{password or ''}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+    bare = parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="")
+    url = urllib.parse.urlunsplit(bare).rstrip("/") + "/api/2.0/mlflow/experiments/search"
+    request = urllib.request.Request(f"{url}?max_results=1", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=_HEALTH_TIMEOUT_S) as response:
+            response.read(64)
+        return
+    except urllib.error.HTTPError as exc:
+        if exc.code not in (401, 403):
+            return
+        code = exc.code
+    except (OSError, ValueError):  # it answered /health a moment ago: the writer will see
+        return
+    shown = redact_uri(uri)
+    if code == 401:
+        raise TrackingError(
+            f"tracking_uri={shown!r}: the MLflow server refuses {given} (HTTP 401), before "
+            "anything trains. HINT: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "(or MLFLOW_TRACKING_TOKEN) to credentials the server's admin created for you."
+        )
+    raise TrackingError(
+        f"tracking_uri={shown!r}: the MLflow server lets {given} in but not read experiments "
+        "(HTTP 403). HINT: ask its admin for READ permission (and EDIT on your experiment)."
     )
 
 

@@ -121,9 +121,11 @@ def test_invalid_setting_found_while_building_leaves_nothing(xp, workdir: Path, 
 
 def test_unreachable_mlflow_server_fails_before_training(xp, workdir: Path) -> None:
     uri = f"http://127.0.0.1:{free_port()}"
-    result = xp(f"tracking.tracking_uri={uri}", "trainer.max_epochs=1", timeout=120)
+    result = xp(f"tracking.tracking_uri={uri}", "tracking.server_down_at_start=stop",
+                "trainer.max_epochs=1", timeout=120)  # fmt: skip
     assert result.returncode == 1
     assert f"xp: error: tracking_uri='{uri}': the MLflow server does not answer" in result.stderr
+    assert "tracking.server_down_at_start=stop" in result.stderr
     assert "mlflow server --host 127.0.0.1" in result.stderr
     assert run_dirs(workdir) == []
 

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 
 from tests.procs import alive, wait_gone
 from xp import tracking
-from xp.config import TrackingConfig
+from xp.config import ServerDownAtStart, TrackingConfig
 from xp.tracking import (
     MAX_ENTITY_KEY_LENGTH,
     MAX_PARAM_VAL_LENGTH,
@@ -508,13 +508,14 @@ def test_unusable_store_is_raised_by_close_when_nothing_else_did(
 
 def test_unreachable_server_fails_at_start(tmp_path: Path, log: logging.Logger) -> None:
     uri = f"http://127.0.0.1:{free_port()}"
-    tracker = make_tracker(uri, tmp_path, log)
+    stop = TrackingConfig(flush_interval_s=0.05, server_down_at_start=ServerDownAtStart.stop)
+    tracker = make_tracker(uri, tmp_path, log, settings=stop)
     with pytest.raises(
         TrackingError, match=rf"{re.escape(uri)}.*mlflow server --host 127\.0\.0\.1"
     ):
         tracker.start()
     # Credentials in the URI are not printed.
-    tracker = make_tracker(with_credentials(uri), tmp_path, log)
+    tracker = make_tracker(with_credentials(uri), tmp_path, log, settings=stop)
     with pytest.raises(TrackingError) as caught:
         tracker.start()
     assert "tracking_uri='http://xpuser:***@127.0.0.1:" in str(caught.value)
