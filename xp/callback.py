@@ -37,7 +37,10 @@ ranks agree on where they synchronize anyway (a log step, an epoch's end); the r
 validates, saves and ends FINISHED, tagged ``xp.stopped_early``. There are no priorities
 (mmengine's): callbacks run in the order of the config's dict. Built in, as Lightning and
 mmengine have them: :class:`EarlyStopping` and :class:`EMA`; xp's progress bar is a
-callback too (:class:`ProgressBar`).
+callback too (:class:`ProgressBar`), which took it out of the loop's signatures. The best
+checkpoint (``checkpoint.monitor``) stays in the trainer: it decides when a checkpoint is
+saved and is read back from every checkpoint's ``best`` entry by ``resume=`` and ``test=``,
+so as a callback it would move that code and its checkpoint format, not remove any.
 
 A callback runs on every rank. What it keeps in ``state_dict`` is saved from rank 0, so it
 must be the same on every rank, except tensors sharded as DTensors (an EMA under FSDP),
