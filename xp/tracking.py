@@ -650,7 +650,7 @@ class MlflowTracker:
     def _check_server(self) -> None:
         try:
             _check_server(self.tracking_uri)
-        except TrackingError as e:
+        except _NoAnswer as e:
             setting = getattr(self.settings, "server_down_at_start", "buffer")
             if str(getattr(setting, "value", setting)) == "stop":
                 raise TrackingError(
@@ -659,9 +659,9 @@ class MlflowTracker:
                 ) from None
             self._store_down_changed(
                 False,
-                f"does not answer as the run starts ({_first_line(e.__cause__ or e, 120)}), "
-                "so the run is created there once it answers (tracking.server_down_at_start="
-                "stop stops instead)",
+                f"does not answer as the run starts ({_shorten(e.reason, 200)}), so the run "
+                "is created there once it answers (tracking.server_down_at_start=stop would "
+                "stop instead)",
             )
             return
         _check_credentials(self.tracking_uri)
@@ -1266,12 +1266,21 @@ def _check_server(uri: str) -> None:
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
     except ValueError:
         port = 5000
-    raise TrackingError(
+    raise _NoAnswer(
         f"tracking_uri={redact_uri(uri)!r}: the MLflow server does not answer "
         f"({redact_secrets(reason)}). HINT: start it "
         f"with `mlflow server --host {parts.hostname or '127.0.0.1'} --port {port}`, or unset "
-        "MLFLOW_TRACKING_URI / tracking.tracking_uri to use the local SQLite store."
+        "MLFLOW_TRACKING_URI / tracking.tracking_uri to use the local SQLite store.",
+        redact_secrets(reason),
     )
+
+
+class _NoAnswer(TrackingError):
+    """The server did not answer /health; ``reason`` says how (no secrets in it)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _check_credentials(uri: str) -> None:
