@@ -321,6 +321,12 @@ def resolve(
         try:
             run = client.get_run(spec)
         except MlflowException as e:
+            if e.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                raise ResumeError(
+                    f"{key}={spec}: the MLflow server {redact_uri(tracking_uri)} refuses these "
+                    f"credentials ({e.error_code}); set MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to yours."
+                ) from e
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise ResumeError(
                     f"{key}={spec}: the MLflow store {redact_uri(tracking_uri)} does not answer "
