@@ -72,6 +72,13 @@ def _rank() -> int:
     return dist_info(infer_launcher()).rank
 
 
+def _launch_size() -> int:
+    """How many processes a launcher (torchrun, srun, mpirun) started for this run."""
+    from xp.dist import dist_info, infer_launcher
+
+    return dist_info(infer_launcher()).world_size
+
+
 def _ui(argv: list[str]) -> int:
     """``xp ui``: the MLflow UI on 127.0.0.1, on the store the runs were written to."""
     parser = argparse.ArgumentParser(prog="xp ui", description=_ui.__doc__)
@@ -208,28 +215,62 @@ def _resume_arguments(args: list[str]) -> list[str]:
         )
         raise SystemExit(1)
     requeued = os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
-    if spec is None and requeued and test is None:
-        spec = "auto"  # a requeued Slurm job continues its own run
-    if spec is None:
+    on_requeue = spec is None and test is None and requeued and "SLURM_JOB_ID" in os.environ
+    if spec is None and not on_requeue:
         return args
-    from xp.resume import ENV, TEST_ENV, ResumeError, resolve
-    from xp.rundir import RunDirError
+    from xp.resume import ENV, TEST_ENV, ResumeError, ResumeTarget, resolve
+    from xp.rundir import RunDirError, receive_claim, share_claim
+    from xp.stop import ALREADY_FINISHED, requeued_target
     from xp.tracking import TrackingError, check_tracking_uri, default_tracking_uri
 
-    launch = Path(os.environ["XP_LAUNCH_DIR"])
-    uri = _value(args, "tracking.tracking_uri") or default_tracking_uri(launch)
-    try:
-        check_tracking_uri(uri)
-        target = resolve(
-            spec,
-            tracking_uri=uri,
-            experiment_name=_value(args, "experiment_name"),
-            outputs=launch / "outputs",
-            key=key,
-        )
-    except (ResumeError, RunDirError, TrackingError) as e:
-        say(f"xp: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    variable = TEST_ENV if key == "test" else ENV
+    shared = _launch_size() > 1
+    if shared and _rank() != 0:
+        # Rank 0 resolves for the launch and hands the run on: the tasks start together,
+        # and one that looked for itself could find the run locked by rank 0 already.
+        value = receive_claim()  # exits 1 when rank 0 refused (it said why)
+        if value == ALREADY_FINISHED:
+            raise SystemExit(0)
+        if not value.startswith("{"):  # a requeued job's new run: its directory's timestamp
+            os.environ["XP_TIMESTAMP"] = value
+            return args
+        os.environ[variable] = value
+        target = ResumeTarget.from_env(variable)
+        assert target is not None
+    else:
+        launch = Path(os.environ["XP_LAUNCH_DIR"])
+        uri = _value(args, "tracking.tracking_uri") or default_tracking_uri(launch)
+        try:
+            check_tracking_uri(uri)
+            if on_requeue:
+                overrides = _split_flags(args)[1]
+                found = requeued_target(
+                    [o for o in overrides if not o.lstrip("+~").startswith("hydra")],
+                    tracking_uri=uri,
+                    outputs=launch / "outputs",
+                )
+            else:
+                found = resolve(
+                    spec or "",
+                    tracking_uri=uri,
+                    experiment_name=_value(args, "experiment_name"),
+                    outputs=launch / "outputs",
+                    key=key,
+                )
+        except (ResumeError, RunDirError, TrackingError) as e:
+            if shared:
+                share_claim(None)
+            say(f"xp: error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except SystemExit as e:  # the requeued job's run FINISHED already
+            if shared:
+                share_claim(ALREADY_FINISHED if e.code == 0 else None)
+            raise
+        if found is None:  # a requeued job's command with no run yet: it starts anew
+            return args  # (rank 0 hands on its run directory's timestamp as it claims it)
+        target = found
+        if shared:
+            share_claim(target.to_env())
     flags, overrides = _split_flags(args)
     kept = [
         a

@@ -16,6 +16,8 @@ import uuid
 from pathlib import Path
 
 from xp.dist import (
+    DistInfo,
+    Launcher,
     free_port,
     port_error,
     port_in_use,
@@ -64,6 +66,34 @@ def run_workers(run_dir: Path, nproc: int, port: int | None, objective: str) -> 
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     value = metrics.get(objective)
     return None if value is None else float(value)
+
+
+_STARTED_BY = {
+    Launcher.pytorch: ("torchrun", "WORLD_SIZE", "--nproc_per_node"),
+    Launcher.slurm: ("srun", "SLURM_NTASKS", "--ntasks (or --ntasks-per-node)"),
+    Launcher.mpi: ("mpirun", "OMPI_COMM_WORLD_SIZE", "-np"),
+}
+
+
+def workers_error(nproc_per_node: int, info: DistInfo) -> str | None:
+    """Why ``strategy.nproc_per_node`` cannot start workers here, or None.
+
+    Under a launcher (srun's tasks, torchrun's or mpirun's processes) every process is a
+    rank already: each starting ``nproc_per_node`` workers of its own would make
+    world_size x nproc_per_node processes that never agree on one run. The workers of
+    xp's own launcher carry the setting too, and are fine.
+    """
+    if nproc_per_node == 1 or info.launcher is Launcher.none or os.environ.get(LAUNCHER_ENV):
+        return None
+    name, variable, option = _STARTED_BY[info.launcher]
+    return (
+        f"strategy.nproc_per_node={nproc_per_node} asks xp to start {nproc_per_node} workers, "
+        f"but {name} already started this process as rank {info.rank} of {info.world_size} "
+        f"({variable}={info.world_size}): every process {name} starts is one rank, and "
+        f"{nproc_per_node} workers in each would make "
+        f"{nproc_per_node * info.world_size}. Leave strategy.nproc_per_node at 1 and set the "
+        f"number of processes with {name}'s {option}, or start xp without {name}."
+    )
 
 
 def launch_workers(nproc_per_node: int, master_port: int | None, argv: list[str]) -> int:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
 import os
+import socket
+import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +18,15 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from xp.config import Backend, Device
-from xp.dist import export_launcher_env, free_port, port_error
+from xp.dist import (
+    dist_info,
+    export_launcher_env,
+    free_port,
+    in_slurm_batch_script,
+    infer_launcher,
+    port_error,
+)
+from xp.launch import workers_error
 from xp.strategy.base import Strategy
 
 _collect_at_exit = False
@@ -52,6 +64,11 @@ class DistributedStrategy(Strategy):
         bad_port = port_error(master_port)
         if bad_port is not None:
             raise ValueError(bad_port)
+        bad_workers = workers_error(
+            nproc_per_node, dist_info(kwargs.get("launcher") or infer_launcher())
+        )
+        if bad_workers is not None:
+            raise ValueError(bad_workers)
         if device is Device.cuda and not torch.cuda.is_available():
             raise ValueError(
                 "strategy.device=cuda, but CUDA is not available here; use strategy.device=cpu "
@@ -72,7 +89,10 @@ class DistributedStrategy(Strategy):
         self._master_port = master_port
         self._owns_group = False
         self._device = torch.device("cpu")
+        self._ranks: list[dict[str, Any]] = []
+        self._unshared: list[dict[str, Any]] = []
         super().__init__(**kwargs)
+        self._warn_about_the_batch_script()
 
     # ------------------------------------------------------------------ process group
 
@@ -103,6 +123,79 @@ class DistributedStrategy(Strategy):
             device_id=self._device if self._use_cuda else None,
         )
         self._owns_group = True
+        if self.distributed:
+            self._survey_ranks()
+
+    def _survey_ranks(self) -> None:
+        """Where every rank runs (host, node, local rank, threads), and whether it sees the
+        run directory rank 0 claimed: outputs/ may not be shared between nodes.
+
+        One file rank 0 writes and every rank looks for. Where some rank cannot see it, a
+        strategy whose checkpoints every rank writes (FSDP, DeepSpeed) stops here, on
+        every rank at once, before anything trains; otherwise only rank 0 writes, and the
+        others read the checkpoints rank 0 hands them (:meth:`_read_checkpoint`).
+
+        Raises:
+            ValueError: Sharded checkpoints and a run directory some rank cannot see.
+        """
+        probe: Path | None = None
+        token = None
+        if self.is_main_process:
+            token = uuid.uuid4().hex
+            probe = self.log_dir / f".xp-shared-{token}"
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_text(socket.gethostname())
+        token = self.broadcast_object(token)
+        place = {
+            "rank": self.rank,
+            "local_rank": self.local_rank,
+            "node_rank": self._info.node_rank,
+            "hostname": socket.gethostname(),
+            "threads": torch.get_num_threads(),
+            "sees_run_dir": (self.log_dir / f".xp-shared-{token}").is_file(),
+        }
+        self._ranks = self.all_gather_object(place)
+        if probe is not None:
+            probe.unlink()
+        self._unshared = [r for r in self._ranks if not r["sees_run_dir"]]
+        if self._unshared and self.sharded_checkpoints:
+            hosts = sorted({r["hostname"] for r in self._unshared})
+            error = (
+                f"{type(self).__name__} saves checkpoints that every rank writes into "
+                f"{self.checkpoint_dir}, but ranks {[r['rank'] for r in self._unshared]} (on "
+                f"{', '.join(hosts)}) do not see the run directory rank 0 made there: outputs/ "
+                "is not shared between the nodes. Start xp from a directory on a file system "
+                "every node mounts (cd /shared/project; python -m xp ...), or give one with "
+                "hydra.run.dir=/shared/.../run; strategy=ddp works without one (rank 0 "
+                "writes alone)."
+            )
+            dist.destroy_process_group()
+            self._owns_group = False
+            raise ValueError(error)
+
+    def _warn_about_the_batch_script(self) -> None:
+        tasks = os.environ.get("SLURM_NTASKS", "")
+        if in_slurm_batch_script() and tasks.isdigit() and int(tasks) > 1 and not self.distributed:
+            self.logger.warning(
+                "This Slurm job has %s tasks (SLURM_NTASKS), but xp runs in its batch script, "
+                "outside srun: one process trains. Start it with srun python -m xp ... for "
+                "one rank per task.",
+                tasks,
+            )
+
+    def build_logger(self) -> logging.Logger:
+        logger = super().build_logger()
+        if self._unshared and self.is_main_process:
+            logger.warning(
+                "Ranks %s (on %s) do not see the run directory %s: outputs/ is not shared "
+                "between the nodes. Rank 0 writes the run's files and checkpoints alone and "
+                "hands the others what they read back; keep the run directory on a shared "
+                "file system to resume elsewhere.",
+                [r["rank"] for r in self._unshared],
+                ", ".join(sorted({r["hostname"] for r in self._unshared})),
+                self.log_dir,
+            )
+        return logger
 
     def _teardown_distributed(self) -> None:
         if self._owns_group and dist.is_initialized():
@@ -177,9 +270,23 @@ class DistributedStrategy(Strategy):
                     ):
                         tensor.copy_(synced)
 
+    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Every rank reads the file; where some rank cannot see it (outputs/ not shared
+        between nodes), rank 0 reads it and hands it to every rank."""
+        if self.world_size == 1 or self.sharded_checkpoints:
+            return super()._read_checkpoint(path)
+        seen = self.all_gather_object(Path(path).is_file())
+        if all(seen) or not seen[0]:
+            return super()._read_checkpoint(path)
+        checkpoint = super()._read_checkpoint(path) if self.is_main_process else None
+        result: dict[str, Any] = self.broadcast_object(checkpoint)
+        return result
+
     def collect_env(self) -> tuple[dict[str, Any], dict[str, Any]]:
         system, runtime = super().collect_env()
         runtime["backend"] = self._backend.value
+        if self._ranks:
+            runtime["ranks"] = self._ranks
         return system, runtime
 
 
