@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -446,9 +447,14 @@ def plan_job(cfg: DictConfig, log_dir: Path, target: ResumeTarget | None) -> Job
     digest = config_hash(_plain(cfg))
     _PLAN = plan = JobPlan(config_hash=digest)
     job = _this_job()
-    if job is None or not cfg.tracking.enabled or job.info.fresh or sweep_settings(cfg).fresh:
+    if job is None or not cfg.tracking.enabled:
         return plan
-    earlier = [EarlierRun(**e) for e in job.info.earlier]
+    # A requeued Slurm job (submitit's, preempted or timed out) continues its own run,
+    # which the sweep's start could not list.
+    own = _requeued_job_runs(cfg, digest)
+    if not own and (job.info.fresh or sweep_settings(cfg).fresh):
+        return plan
+    earlier = own or [EarlierRun(**e) for e in job.info.earlier]
     finished, stopped = reusable([e for e in earlier if e.config_hash == digest])
     label = f"job #{job.num} ({job.name})"
     if finished is not None:
@@ -499,6 +505,19 @@ def plan_job(cfg: DictConfig, log_dir: Path, target: ResumeTarget | None) -> Job
             file=sys.stderr,
         )
     return plan
+
+
+def _requeued_job_runs(cfg: DictConfig, digest: str) -> list[EarlierRun]:
+    """In a Slurm job that was requeued: the run of this config it started before."""
+    if not os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_RESTART_COUNT", "0") in (
+        "",
+        "0",
+    ):
+        return []
+    from xp.stop import requeued_run
+
+    run = requeued_run({"xp.config_hash": digest}, tracking_uri=_tracking_uri(cfg))
+    return [] if run is None else [EarlierRun.from_run(run)]
 
 
 def _remove_fresh_dir(log_dir: Path) -> None:
@@ -725,6 +744,7 @@ class SweepCallback(Callback):
                 file=sys.stderr,
             )
         _divide_threads_among_jobs(config)
+        _follow_jobs_without_accounting(config)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(sweep_dir / JOBS_DIR, ignore_errors=True)
         overrides = [str(o) for o in config.hydra.overrides.task]
@@ -910,6 +930,47 @@ class SweepCallback(Callback):
             else:
                 job_return.status = JobStatus.COMPLETED
                 job_return.return_value = None
+
+
+def _follow_jobs_without_accounting(config: DictConfig) -> None:
+    """submitit follows its Slurm jobs with ``sacct``, which fails where Slurm keeps no
+    accounting (``AccountingStorageType=accounting_storage/none``): every poll printed an
+    error and a warning, and a job's state stayed unknown. There, it asks ``squeue``."""
+    launcher = str(config.hydra.launcher.get("_target_", ""))
+    if "submitit" not in launcher.lower() or "slurm" not in launcher.lower():
+        return
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "config"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return  # submitit's own sacct calls say what is wrong
+    if not re.search(r"^AccountingStorageType\s*=\s*accounting_storage/none", shown, re.M):
+        return
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    if getattr(SlurmInfoWatcher._make_command, "__name__", "") == "_squeue_command":
+        return
+    read_sacct = SlurmInfoWatcher.read_info
+
+    def _squeue_command(self: Any) -> list[str] | None:
+        jobs = {x.split("_")[0] for x in self._registered - self._finished}
+        if not jobs:
+            return None
+        # Finished jobs stay listed for the cluster's MinJobAge (300 s by default).
+        return ["squeue", "--noheader", "--states=all", "-o", "%i|%T|%N", "-j", ",".join(jobs)]
+
+    def read_squeue(self: Any, string: bytes | str) -> dict[str, dict[str, str]]:
+        text = string.decode() if isinstance(string, bytes) else string
+        return read_sacct(self, "JobID|State|NodeList\n" + text)
+
+    SlurmInfoWatcher._make_command = _squeue_command  # type: ignore[method-assign]
+    SlurmInfoWatcher.read_info = read_squeue  # type: ignore[method-assign]
+    say(
+        "xp: Slurm keeps no accounting here (AccountingStorageType=accounting_storage/none): "
+        "the sweep follows its jobs with squeue instead of sacct.",
+        file=sys.stderr,
+    )
 
 
 def _forward_to_sigusr1(signum: int, frame: Any) -> None:
