@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from xp.callback import Callback, build_callbacks
 from xp.checkpoint import Checkpointer
 from xp.config import (
     CheckpointConfig,
@@ -35,6 +36,7 @@ from xp.config import (
 )
 from xp.data import Datasets, EpochLoader
 from xp.env import git_info
+from xp.errors import innermost_message
 from xp.optim import OptimSpec
 from xp.restore import plain
 from xp.resume import ResumeTarget
@@ -70,20 +72,10 @@ def build_factory(node: DictConfig, schema: type | None, key: str) -> partial[An
         return instantiate(kwargs)
     except InstantiationException as e:
         raise ValueError(
-            f"{key}._target_={kwargs.get('_target_')!r} could not be built: {_cause(e)}. Check "
-            "the dotted path, that its package is installed and importable from here, and "
-            "its arguments."
+            f"{key}._target_={kwargs.get('_target_')!r} could not be built: "
+            f"{innermost_message(e)}. Check the dotted path, that its package is installed "
+            "and importable from here, and its arguments."
         ) from e
-
-
-def _cause(error: BaseException) -> str:
-    """The innermost error's message (an ImportError under Hydra's wrapper, say)."""
-    inner = error
-    while inner.__cause__ is not None:
-        inner = inner.__cause__
-    lines = str(inner).strip().splitlines() or [type(inner).__name__]
-    text = lines[-1] if inner is error else f"{type(inner).__name__}: {lines[-1]}"
-    return text
 
 
 def settings_of(node: DictConfig, schema: type[Any], key: str) -> Any:
@@ -225,6 +217,8 @@ class Built:
     checkpoint: CheckpointConfig
     tracking: TrackingConfig
     config_yaml: str
+    callbacks: dict[str, Callback] = field(default_factory=dict)
+    """``callbacks.<name>``, built in the config's order."""
 
 
 def build_trainer(built: Built, *, checkpoint_extra: Mapping[str, Any] | None = None) -> Trainer:
@@ -243,6 +237,7 @@ def build_trainer(built: Built, *, checkpoint_extra: Mapping[str, Any] | None = 
         task=built.task,
         checkpoint=built.checkpoint,
         checkpoint_extra=checkpoint_extra,
+        callbacks=built.callbacks,
     )
 
 
@@ -291,6 +286,7 @@ def build(cfg: DictConfig, log_dir: Path, timestamp: str | None = None) -> Built
             trainer=trainer,
             checkpoint=OmegaConf.to_object(cfg.checkpoint),  # type: ignore[arg-type]
             tracking=OmegaConf.to_object(cfg.tracking),  # type: ignore[arg-type]
+            callbacks=build_callbacks(cfg.get("callbacks")),
             # What is saved (config.yaml, every checkpoint) holds no password: a tracking
             # URI's is the command's to give again (resume= keeps the command's tracking).
             config_yaml=redact_secrets(OmegaConf.to_yaml(cfg, resolve=True)),

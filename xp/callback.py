@@ -62,11 +62,16 @@ import torch
 from torch import Tensor, nn
 
 from xp.config import Mode
+from xp.errors import innermost_message
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from xp.trainer import Trainer
+Trainer = Any
+"""The :class:`xp.trainer.Trainer` whose events a callback gets: ``trainer.module`` (the
+model unwrapped), ``trainer.model``, ``trainer.strategy``, ``trainer.progress`` (epoch,
+step), ``trainer.settings``, ``trainer.log_metrics(...)``, ``trainer.request_finish(why)``.
+Typed loosely here, because the trainer imports this module."""
 
 EVENTS = (
     "setup",
@@ -282,9 +287,9 @@ def build_callbacks(
             callback = instantiate(sub, _convert_="all")
         except InstantiationException as e:
             raise ValueError(
-                f"{where}._target_={target!r} could not be built: {_cause(e)}. Check the dotted "
-                "path, that its package is installed and importable from here, and its "
-                "arguments."
+                f"{where}._target_={target!r} could not be built: {innermost_message(e)}. "
+                "Check the dotted path, that its package is installed and importable from "
+                "here, and its arguments."
             ) from e
         if not isinstance(callback, Callback):
             raise TypeError(
@@ -293,15 +298,6 @@ def build_callbacks(
             )
         built[str(name)] = callback
     return built
-
-
-def _cause(error: BaseException) -> str:
-    """The innermost error's message (an ImportError under Hydra's wrapper, say)."""
-    inner = error
-    while inner.__cause__ is not None:
-        inner = inner.__cause__
-    lines = str(inner).strip().splitlines() or [type(inner).__name__]
-    return lines[-1] if inner is error else f"{type(inner).__name__}: {lines[-1]}"
 
 
 # --------------------------------------------------------------------------- built in

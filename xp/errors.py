@@ -22,3 +22,12 @@ def exit_on_user_error(error: BaseException) -> None:
     if isinstance(error, USER_ERRORS) and not os.environ.get("HYDRA_FULL_ERROR"):
         say(f"xp: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def innermost_message(error: BaseException) -> str:
+    """The innermost error's message (an ImportError under Hydra's wrapper, say)."""
+    inner = error
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    lines = str(inner).strip().splitlines() or [type(inner).__name__]
+    return lines[-1] if inner is error else f"{type(inner).__name__}: {lines[-1]}"
