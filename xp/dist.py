@@ -2,8 +2,8 @@
 
 torchrun, srun and Open MPI's mpirun each say where a process stands under names of their
 own; :func:`dist_info` reads them, :func:`export_launcher_env` copies srun's and mpirun's
-into the names torch's ``env://`` rendezvous reads. The processes a launcher put on this
-node (``local_world_size``) share its cores: each gets its part as torch threads.
+into the names torch's ``env://`` rendezvous reads, and :func:`default_threads` divides the
+cores of this node among the processes the launcher put on it.
 """
 
 from __future__ import annotations
@@ -163,6 +163,32 @@ def dist_info(
         local_world_size=local_world,
         node_rank=rank // max(1, local_world) if node is None else node,
     )
+
+
+def default_threads(
+    info: DistInfo, environ: os._Environ[str] | dict[str, str] | None = None
+) -> int:
+    """torch threads for one process when ``strategy.threads_per_process`` is null.
+
+    OMP_NUM_THREADS when set (torchrun sets 1 for several workers); else the cores this
+    process may run on, divided among the processes the launcher put on this node. In a
+    Slurm job those are the CPUs the job holds on this node (SLURM_CPUS_ON_NODE), not the
+    whole machine's: two 1-CPU jobs on one node must not run two threads each. A task
+    that Slurm bound to cores of its own (its affinity narrower than the job's CPUs) has
+    its share already.
+    """
+    env = os.environ if environ is None else environ
+    omp = _int(env, "OMP_NUM_THREADS")
+    if omp is not None:
+        return max(1, omp)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    job_cpus = _int(env, "SLURM_CPUS_ON_NODE")
+    if job_cpus:
+        if cores < job_cpus:
+            return cores
+        cores = job_cpus
+    return max(1, cores // max(1, info.local_world_size))
 
 
 def export_launcher_env(launcher: Launcher, master_port: int | None) -> None:

@@ -88,8 +88,9 @@ def workers_error(nproc_per_node: int, info: DistInfo) -> str | None:
     name, variable, option = _STARTED_BY[info.launcher]
     return (
         f"strategy.nproc_per_node={nproc_per_node} asks xp to start {nproc_per_node} workers, "
-        f"but {name} already started this process as rank {info.rank} of {info.world_size} "
-        f"({variable}={info.world_size}): every process {name} starts is one rank, and "
+        f"but {name} already started {info.world_size} "
+        f"{'processes' if info.world_size > 1 else 'process'} ({variable}={info.world_size}): "
+        f"every process {name} starts is one rank, and "
         f"{nproc_per_node} workers in each would make "
         f"{nproc_per_node * info.world_size}. Leave strategy.nproc_per_node at 1 and set the "
         f"number of processes with {name}'s {option}, or start xp without {name}."

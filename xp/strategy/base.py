@@ -41,7 +41,7 @@ from xp.config import (
     RandomnessConfig,
     StartMethod,
 )
-from xp.dist import DistInfo, dist_info, infer_launcher
+from xp.dist import DistInfo, default_threads, dist_info, infer_launcher
 from xp.env import collect_system_env
 from xp.log import build_logger
 from xp.optim import (
@@ -303,10 +303,7 @@ class Strategy(ABC):
                     "the cores among the processes of this machine)."
                 )
             return requested
-        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-            return max(1, int(os.environ["OMP_NUM_THREADS"]))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, (cores or 1) // max(1, self._info.local_world_size))
+        return default_threads(self._info)
 
     @staticmethod
     def _raise_open_file_limit(wanted: int) -> None:
@@ -902,7 +899,7 @@ class Strategy(ABC):
             "world_size": self.world_size,
             "rank": self.rank,
             "local_rank": self.local_rank,
-            "node_rank": _node_rank(self._info),
+            "node_rank": self._info.node_rank,
             "hostname": socket.gethostname(),
             "device": str(self.root_device),
             "strategy": type(self).__name__,
@@ -910,16 +907,6 @@ class Strategy(ABC):
         if os.environ.get("SLURM_JOB_ID"):
             runtime["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
         return system, runtime
-
-
-def _node_rank(info: DistInfo) -> int:
-    """Which machine of the run this is: the launcher's word (torchrun's GROUP_RANK, Slurm's
-    SLURM_NODEID, Open MPI's node rank), else the global rank over the processes per node."""
-    for key in ("GROUP_RANK", "SLURM_NODEID", "OMPI_COMM_WORLD_NODE_RANK"):
-        value = os.environ.get(key, "")
-        if value.isdigit():
-            return int(value)
-    return info.rank // max(1, info.local_world_size)
 
 
 def _shortened(names: Sequence[str], shown: int = 5) -> str:
