@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.conftest import free_port, stop_tree, wait_for
+from tests.server.conftest import REPO, free_port, stop_tree, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 def xp_ui(cwd: Path, store: str, port: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "XP_"))}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner processes
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     cwd.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [sys.executable, "-m", "xp", "ui", "--tracking-uri", store, "--port", str(port)],
