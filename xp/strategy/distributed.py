@@ -133,7 +133,7 @@ class DistributedStrategy(Strategy):
         One file rank 0 writes and every rank looks for. Where some rank cannot see it, a
         strategy whose checkpoints every rank writes (FSDP, DeepSpeed) stops here, on
         every rank at once, before anything trains; otherwise only rank 0 writes, and the
-        others read the checkpoints rank 0 hands them (:meth:`_read_checkpoint`).
+        run trains (resuming it needs its directory on every node).
 
         Raises:
             ValueError: Sharded checkpoints and a run directory some rank cannot see.
@@ -188,9 +188,9 @@ class DistributedStrategy(Strategy):
         if self._unshared and self.is_main_process:
             logger.warning(
                 "Ranks %s (on %s) do not see the run directory %s: outputs/ is not shared "
-                "between the nodes. Rank 0 writes the run's files and checkpoints alone and "
-                "hands the others what they read back; keep the run directory on a shared "
-                "file system to resume elsewhere.",
+                "between the nodes. Rank 0 writes the run's files and checkpoints alone; "
+                "resuming the run (resume=, a requeued job) needs its directory on every "
+                "node: start xp from a directory on a file system every node mounts.",
                 [r["rank"] for r in self._unshared],
                 ", ".join(sorted({r["hostname"] for r in self._unshared})),
                 self.log_dir,
@@ -269,18 +269,6 @@ class DistributedStrategy(Strategy):
                         raw, _unflatten_dense_tensors(flat, raw), strict=True
                     ):
                         tensor.copy_(synced)
-
-    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
-        """Every rank reads the file; where some rank cannot see it (outputs/ not shared
-        between nodes), rank 0 reads it and hands it to every rank."""
-        if self.world_size == 1 or self.sharded_checkpoints:
-            return super()._read_checkpoint(path)
-        seen = self.all_gather_object(Path(path).is_file())
-        if all(seen) or not seen[0]:
-            return super()._read_checkpoint(path)
-        checkpoint = super()._read_checkpoint(path) if self.is_main_process else None
-        result: dict[str, Any] = self.broadcast_object(checkpoint)
-        return result
 
     def collect_env(self) -> tuple[dict[str, Any], dict[str, Any]]:
         system, runtime = super().collect_env()
