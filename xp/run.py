@@ -226,9 +226,9 @@ class _Life:
                 ", ".join(f"{k} now {v!r}" for k, v in accepted.items()) or "nothing changes",
             )
         strategy.logger.info(
-            "Run %s: %s %d steps (%d per epoch) on %s; logs in %s",
+            "Run %s: %s%d steps (%d per epoch) on %s; logs in %s",
             strategy.timestamp,
-            f"step {trainer.progress.step} of" if target else "",
+            f"step {trainer.progress.step} of " if target else "",
             self.built.length.total_steps,
             self.built.length.epoch_length,
             strategy.root_device,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -226,12 +227,15 @@ def _resolve(
     epoch_length: int,
     total_steps: int,
     cycles: Sequence[tuple[int, int]],
+    notes: list[tuple[int, str]],
 ) -> list[_Window]:
     """The phase's windows in its stepping unit.
 
     One window for a phase with an ``end``; for one without, a window per cycle (the
     first from the phase's own ``begin``, the later ones from the cycle's start). None
-    when the phase opens after training ends.
+    when the phase opens after training ends. What the run's length does to the phase
+    (cut short, skipped) and a milestone that never comes go to ``notes``, as (logging
+    level, message).
     """
     name = phase.name
     cls, kwargs = _class_and_kwargs(phase)
@@ -272,11 +276,10 @@ def _resolve(
         raise ValueError(f"{name}.begin={begin} is negative; set {name}.begin >= 0.")
     if begin >= total and (phase.end is None or begin < phase.end):
         # A short smoke run (trainer.max_epochs=1) must not fail on the full run's schedule.
-        warnings.warn(
-            f"{name} begins at {begin} {unit}, after training ends ({total} {unit}); it is "
-            "skipped.",
-            stacklevel=3,
-        )
+        notes.append(
+            (logging.INFO, f"{name} begins at {begin} {unit}, after training ends ({total} "
+             f"{unit}): it is skipped.")
+        )  # fmt: skip
         return []
     by_epoch = phase.by_epoch and not phase.convert_to_iter_based
     # (cycle, begin, end) in the unit the window is stepped in.
@@ -284,11 +287,10 @@ def _resolve(
     if phase.end is not None:
         end = phase.end
         if end > total:
-            warnings.warn(
-                f"Training ends ({total} {unit}) inside {name}'s window [{begin}, {end}); the "
-                "phase keeps its shape and does not finish.",
-                stacklevel=3,
-            )
+            notes.append(
+                (logging.INFO, f"training ends ({total} {unit}) inside {name}'s window "
+                 f"[{begin}, {end}): the phase keeps its shape and does not finish.")
+            )  # fmt: skip
         if begin >= end:
             raise ValueError(
                 f"{name}.begin={begin} is not before {name}.end={end} ({unit}); the window "
@@ -321,12 +323,11 @@ def _resolve(
         length = spans[0][2] - spans[0][1]
         late = [m for m in kwargs.get("milestones", ()) if m >= length]
         if late:
-            warnings.warn(
-                f"{name}.milestones: {late} (counted from begin) fall at or after the "
-                f"window's end ({length} {'epochs' if by_epoch else 'steps'} after "
-                "begin) and are ignored.",
-                stacklevel=3,
-            )
+            notes.append(
+                (logging.WARNING, f"{name}.milestones: {late} (counted from begin) fall at or "
+                 f"after the window's end ({length} {'epochs' if by_epoch else 'steps'} after "
+                 "begin) and are ignored.")
+            )  # fmt: skip
     return windows
 
 
@@ -612,9 +613,15 @@ class LRSchedule:
 
     def _resolve(self, total_steps: int, cycles: Sequence[tuple[int, int]]) -> list[_Window]:
         windows = []
+        self.notes: list[tuple[int, str]] = []
+        """What this length does to the phases (logging level, message), for the run's log."""
         for index, phase in enumerate(self._phases):
             for window in _resolve(
-                phase, epoch_length=self._epoch_length, total_steps=total_steps, cycles=cycles
+                phase,
+                epoch_length=self._epoch_length,
+                total_steps=total_steps,
+                cycles=cycles,
+                notes=self.notes,
             ):
                 window.index = index
                 windows.append(window)

@@ -6,6 +6,7 @@ that override an event, so a run without per-step callbacks pays nothing per ste
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import sys
@@ -758,6 +759,11 @@ class Trainer:
             self._mark_best(path)
         if self.strategy.is_main_process and not self.async_checkpoints:
             self.checkpointer.prune()
-        self.strategy.logger.info("Saved checkpoint %s.", path)
+        # The routine ones at DEBUG: the log says what matters (the last, a new best, a stop).
+        routine = not new_best and p.step < self.length.total_steps and self._stop_signal is None
+        routine = routine and self.stopped_early is None
+        self.strategy.logger.log(
+            logging.DEBUG if routine else logging.INFO, "Saved checkpoint %s", path
+        )
         self.callbacks("on_checkpoint_saved", self, p.step, path)
         return path

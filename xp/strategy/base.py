@@ -518,7 +518,7 @@ class Strategy(ABC):
             per_optim = {name: schedules.get(name, ()) for name in wrappers}
         else:
             per_optim = {name: schedules for name in wrappers}
-        return {
+        built = {
             name: LRSchedule(
                 wrappers[name].optimizer,
                 phases,
@@ -528,6 +528,11 @@ class Strategy(ABC):
             for name, phases in per_optim.items()
             if phases
         }
+        # What the run's length does to the schedule, said once (rank 0; the same phases of
+        # several optimizers once).
+        for level, note in dict.fromkeys(n for s in built.values() for n in s.notes):
+            self.logger.log(level, "Schedule: %s", note)
+        return built
 
     # ------------------------------------------------------------------ device
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,12 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from xp.strategy.distributed import DistributedStrategy
+
+_BUFFERS_KWARG = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else "broadcast_buffers"
+)
 
 
 class DDPStrategy(DistributedStrategy):
@@ -42,7 +49,9 @@ class DDPStrategy(DistributedStrategy):
             "find_unused_parameters": find_unused_parameters,
             "static_graph": static_graph,
             "gradient_as_bucket_view": gradient_as_bucket_view,
-            "broadcast_buffers": broadcast_buffers,
+            # torch 2.13 renamed it (the buffers are synced at start either way: every rank
+            # starts from rank 0's model); older torch knows only the old name.
+            _BUFFERS_KWARG: broadcast_buffers,
             "bucket_cap_mb": bucket_cap_mb,
         }
         self._sync_bn = sync_bn
