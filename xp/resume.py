@@ -278,6 +278,8 @@ def _where_it_lives(
         if lived.is_dir() and lived.is_absolute():
             return lived, (*past, f"{here}:{lived}")
     local = outputs.absolute() / experiment / recorded.name
+    if local == recorded:  # its own directory, deleted here: filled again, not a move
+        return recorded, ()
     n = 2
     while _lived_in_by_another(client, run, local):
         local = outputs.absolute() / experiment / f"{recorded.name}_{n}"
