@@ -103,11 +103,6 @@ def requeue_on_slurm(strategy: Strategy, signum: int) -> None:
         )
 
 
-def requeued() -> bool:
-    """Whether this process runs in a Slurm job that was requeued (it starts again)."""
-    return os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
-
-
 def requeued_run(tags: Mapping[str, str], *, tracking_uri: str) -> Any | None:
     """The MLflow run this Slurm job started before it was requeued, with these ``tags``.
 
