@@ -515,3 +515,16 @@ def test_resume_with_early_stopping_and_ema_is_bit_exact(tmp_path: Path, stop_at
     assert resumed.stopped_early == straight.stopped_early
     assert resumed.progress == straight.progress
     assert_equal(latest_state(resumed), latest_state(straight))
+
+
+def test_a_restored_configs_callbacks_pass_the_target_check() -> None:
+    from xp.targets import UntrustedTarget, check_restored
+
+    ours = {"callbacks": {"ema": {"_target_": "xp.callback.EMA", "decay": 0.9}}}
+    check_restored(ours)
+    theirs = {"callbacks": {"mine": {"_target_": "mypkg_xp_test.callbacks.Mine"}}}
+    with pytest.raises(UntrustedTarget, match=r"^callbacks\.mine\._target_='mypkg_xp_test"):
+        check_restored(theirs)
+    sneaky = {"callbacks": {"mine": {"_target_": "xp.callback.torch.load"}}}
+    with pytest.raises(UntrustedTarget, match=r"^callbacks\.mine\._target_="):
+        check_restored(sneaky)
