@@ -778,6 +778,7 @@ object (SQL stores verify their schema when they are made: tens of milliseconds)
 
 
 def _client(tracking_uri: str) -> MlflowClient:
+    _import_mlflow()
     _create_sqlite_store_atomically(tracking_uri)
     client = _CLIENTS.get(tracking_uri)
     if client is None:
@@ -795,10 +796,39 @@ def _try(action: Callable[[], Any]) -> None:
         logging.getLogger(__name__).debug("clean-up step failed", exc_info=True)
 
 
+class _Without:
+    """Import hook: ``import`` of these top-level packages fails as if they were absent."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name.partition(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def _import_mlflow() -> None:
+    """``import mlflow`` as it goes without pandas (mlflow-skinny's way).
+
+    mlflow imports pandas (and scipy with it) only to register its pandas and numpy
+    dataset types (``mlflow.data``), and skips them when pandas is absent; a writer never
+    logs datasets. Left out, the writer starts 0.5 s sooner and holds 55 MiB less
+    (benchmarks/, memory case). Hidden only while mlflow imports: whatever asks for pandas
+    later gets it.
+    """
+    if "mlflow" in sys.modules:
+        return
+    hide = _Without("pandas")
+    sys.meta_path.insert(0, hide)
+    try:
+        import mlflow  # noqa: F401
+    finally:
+        sys.meta_path.remove(hide)
+
+
 def _warm_up() -> None:
     """Import what writing the run needs while the training process gets ready."""
-    import mlflow
-
+    _import_mlflow()
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http:", "https:", "databricks")):
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (a local store's)
