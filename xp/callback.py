@@ -490,8 +490,8 @@ class EMA(Callback):
             return
         if split == "test" and not (self._fitting or self._restored):
             trainer.strategy.logger.warning(
-                "EMA: the tested checkpoint holds no average (its run had no EMA callback); "
-                "test= evaluates the model's own weights."
+                "EMA: no average was loaded from the tested checkpoint (did its run have no "
+                "EMA callback?); test= evaluates the model's own weights."
             )
             return
         trainer.strategy.reshard(trainer.model)
