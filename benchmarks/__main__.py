@@ -6,13 +6,14 @@ import argparse
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from benchmarks import Skipped, callbacks, checkpoint, ddp, startup, step
+from benchmarks import Skipped, callbacks, checkpoint, ddp, startup, step, sweep
 
 HERE = Path(__file__).resolve().parent
 
@@ -128,11 +129,63 @@ CASES = {
         "start-up: launch to the end of step 100, `python -m xp` (MLflow on; the end is "
         "train/loss's MLflow timestamp at step 100), tiny model",
         "the plain loop without MLflow (prints time.time() at step 100)",
-        "s, whole process",
-        1.1,
+        "s from the launch",
+        1.05,
         higher_is_better=False,
         note=startup.note,
         rounds=STEP_ROUNDS,
+    ),
+    "startup_exit": Case(
+        startup.measure_exit,
+        "a whole run: launch to the end of `python -m xp`, 100 steps, MLflow run closed "
+        "(same runs)",
+        "the plain loop without MLflow, launch to its end",
+        "s from the launch",
+        1.0,
+        higher_is_better=False,
+        note=startup.exit_note,
+        rounds=STEP_ROUNDS,
+    ),
+    "memory": Case(
+        startup.measure_memory,
+        "memory of a run's process tree: `python -m xp`'s composing parent, training "
+        "process and MLflow writer (same runs)",
+        "the plain loop with MLflow in its own process (params, the loss every 10 steps, "
+        "the config as an artifact)",
+        "MiB, sum of each process's peak RSS",
+        1.0,
+        higher_is_better=False,
+        note=startup.memory_note,
+        rounds=STEP_ROUNDS,
+    ),
+    **{
+        f"sweep_{launcher}_{jobs}": Case(
+            partial(sweep.measure, launcher, index),
+            f"sweep of {jobs} one-epoch jobs of the default experiment, {how} "
+            "(`python -m xp -m optim.lr=...`, parent and child runs, the summary)",
+            "the Hydra + MLflow glue written by hand (benchmarks/glue.py), same jobs",
+            "s, launch to exit",
+            1.5,
+            higher_is_better=False,
+            note=sweep.note,
+            rounds=3,
+        )
+        for launcher, how in (
+            ("basic", "Hydra's basic launcher"),
+            ("joblib", "joblib launcher, n_jobs=2"),
+        )
+        for index, jobs in enumerate(sweep.SIZES)
+    },
+    "sweep_ddp": Case(
+        sweep.measure_ddp,
+        f"distributed jobs in a sweep (strategy=ddp strategy.nproc_per_node=2, one epoch "
+        f"each, {sweep.DDP_JOBS} jobs), steady time per job",
+        "one torchrun launch of the hand-written DDP script per job (no MLflow)",
+        "s per job",
+        1.5,
+        higher_is_better=False,
+        note=sweep.ddp_note,
+        rounds=3,
     ),
     "ddp": Case(
         ddp.measure,
@@ -214,6 +267,17 @@ def _ratio_row(name: str, results: Results, rounds: int) -> str:
     )
 
 
+def _load(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.1f}" for x in load)
+
+
+def _temp_out() -> Path:
+    """Where ``--quick`` writes its table: a quick check is not a measurement."""
+    handle, name = tempfile.mkstemp(prefix="xp-benchmarks-quick-", suffix=".md")
+    os.close(handle)
+    return Path(name)
+
+
 def _skipped_row(name: str, reason: str) -> str:
     case = CASES[name]
     return f"| {case.what} | {case.baseline} | {case.unit} | 0 | - | - | - | skipped: {reason} |"
@@ -221,13 +285,26 @@ def _skipped_row(name: str, reason: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a few steps: checks it runs")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few steps and one round of each case: checks that it runs, measures nothing; "
+        "writes a temporary file (printed) unless --out is given, never RESULTS.md",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="default: each case's own")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"default: {HERE / 'RESULTS.md'} (--quick: a temp file)",
+    )
     args = parser.parse_args()
+    if args.out is None:
+        args.out = HERE / "RESULTS.md" if not args.quick else _temp_out()
     rows, notes = [], []
     started = time.perf_counter()
+    load_at_start = os.getloadavg()
     for name in args.cases:
         case = CASES[name]
         rounds = 1 if args.quick else args.rounds or case.rounds
@@ -248,9 +325,10 @@ def main() -> None:
             "",
             f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {platform.python_version()}, "
             f"{os.cpu_count()} CPUs, one torch thread per process; "
-            f"{time.perf_counter() - started:.0f} s in all. Each case runs xp and its baseline "
-            "interleaved over its rounds; values are medians (min-max), ratio = xp / baseline "
-            "per round.",
+            f"{time.perf_counter() - started:.0f} s in all; load average (1, 5, 15 min) "
+            f"{_load(load_at_start)} at the start, {_load(os.getloadavg())} at the end. Each "
+            "case runs xp and its baseline interleaved over its rounds; values are medians "
+            "(min-max), ratio = xp / baseline per round.",
             "",
             "| case | baseline | measure | rounds | xp | baseline | ratio | target |",
             "|---|---|---|---|---|---|---|---|",

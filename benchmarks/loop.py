@@ -5,7 +5,10 @@
 tuned one that batches the in-memory tensors by index slicing, as xp's ``EpochLoader``
 does. No MLflow: the loss is read (``.item()``) every 10 steps, as a loop that prints it.
 ``--framework fabric`` and ``--framework accelerate`` run the plain loop through Lightning
-Fabric or Hugging Face accelerate (``pip install xp[bench]``) on the CPU.
+Fabric or Hugging Face accelerate (``pip install xp[bench]``) on the CPU. ``--mlflow URI``
+records it the way the MLflow docs show, in this process: a run with the arguments as
+params, ``train/loss`` every 10 steps (``log_metric``), the arguments as ``config.yaml``
+at the end (the start-up case's loop with MLflow, for memory).
 
 Prints one JSON line: wall and CPU seconds per step over steps ``warmup + 1 .. steps``,
 the wall-clock time (``time.time()``) at the end of step ``--mark-step``, and the
@@ -38,7 +41,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--mark-step", type=int, default=100)
     parser.add_argument("--framework", choices=["torch", "fabric", "accelerate"], default="torch")
+    parser.add_argument("--mlflow", default=None, help="a tracking URI: record the run there")
     args = parser.parse_args()
+    if args.mlflow:
+        import mlflow
+
+        mlflow.set_tracking_uri(args.mlflow)
+        mlflow.set_experiment("bench")
+        mlflow.start_run()
+        mlflow.log_params(vars(args))
 
     torch.manual_seed(0)
     # xp's own training split, read the same way (without importing sklearn): the same
@@ -78,7 +89,9 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % 10 == 0:
-                loss.item()
+                value = loss.item()
+                if args.mlflow:
+                    mlflow.log_metric("train/loss", value, step=step)
             if step == args.mark_step:
                 marked = time.time()
             if step == args.warmup:
@@ -86,6 +99,9 @@ def main() -> None:
             if step >= args.steps:
                 break
     elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
+    if args.mlflow:
+        mlflow.log_dict(vars(args), "config.yaml")
+        mlflow.end_run()
     steps = max(1, args.steps - args.warmup)
     print(
         json.dumps(

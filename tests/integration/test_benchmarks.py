@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,19 +10,35 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
 @pytest.mark.slow
-def test_quick_benchmarks_write_the_table(tmp_path: Path) -> None:
-    out = tmp_path / "RESULTS.md"
+def test_quick_benchmarks_write_their_table_elsewhere_than_the_results() -> None:
+    before = RESULTS.read_bytes() if RESULTS.exists() else None
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks", "--quick"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # A quick check is not a measurement: the tracked RESULTS.md stays as it was, and the
+    # table goes to a temporary file that the command names.
+    assert (RESULTS.read_bytes() if RESULTS.exists() else None) == before
+    (written,) = re.findall(r"^Wrote (.+)$", result.stdout, re.MULTILINE)
+    out = Path(written)
+    assert out.resolve() != RESULTS.resolve()
     table = out.read_text()
+    out.unlink()
+    assert table.startswith("# Benchmarks (quick check, not a measurement)")
     assert "| DDP, 2 CPU ranks" in table
+    for row in (
+        "| sweep of 8 one-epoch jobs",
+        "| sweep of 100 one-epoch jobs",
+        "| memory of a run's",
+    ):
+        assert row in table
+    assert "joblib launcher, n_jobs=2" in table and "| distributed jobs in a sweep" in table
     assert table.count("\n|") >= 3  # header, rule, one row per case
