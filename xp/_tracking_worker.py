@@ -920,6 +920,8 @@ def main(argv: list[str] | None = None) -> int:
     early = "--early" in args
     after = [int(a.split("=", 1)[1]) for a in args if a.startswith("--after-fd=")]
     read_fd, write_fd, parent_pid = (int(a) for a in args if not a.startswith("--"))
+    serving = _Serving()
+    _leave_signals_to_training(serving, parent_pid)  # Slurm's may come while this starts
     inbox = Connection(read_fd, writable=False)
     outbox = Connection(write_fd, readable=False)
     for fd in after:  # the go-ahead: end-of-file once xp's parent process has composed
@@ -931,28 +933,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # the command ended before it trained (Hydra refused it)
     if early:
         _warm_up()
-    serving = _Serving()
     threading.Thread(
         target=_watch_parent, args=(serving, parent_pid), name="xp-tracking-watchdog", daemon=True
     ).start()
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        writer = serving.writer
-        if writer is not None and not writer.closing and os.getppid() == parent_pid:
-            # Not the tracker's: Slurm signals every process of a job step (scancel, a
-            # requeue, the time limit). The training process got it too and ends the run
-            # through this writer; if it dies instead, the watchdog notices.
-            return
-        # The tracker's close() gave up on a store that does not answer: leave no lock file.
-        if writer is not None:
-            writer.release_run_lock()
-        _leave(1)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    # Slurm's warnings (--signal=USR1@..., submitit's USR2) and srun's Ctrl-C reach every
-    # process of a job step too: they are the training process's to act on.
-    for signum in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, signal.SIG_IGN)
     while True:  # one run, or the runs of a sweep's jobs one after the other
         setup = _next_setup(inbox, parent_pid)
         if setup is None:
@@ -971,6 +954,30 @@ def main(argv: list[str] | None = None) -> int:
         if not stays:
             _leave(code)
             return code
+
+
+def _leave_signals_to_training(serving: _Serving, parent_pid: int) -> None:
+    """Leave the stop signals meant for the training process to it.
+
+    Slurm signals every process of a job step, this one too: SIGTERM (scancel, a requeue,
+    the time limit), SIGUSR1 (``--signal=USR1@...``), SIGUSR2 (submitit's), SIGINT (srun's
+    Ctrl-C). The training process got them as well and ends the run through this writer;
+    if it dies instead, the watchdog notices. Only a SIGTERM after ``close`` is the
+    tracker's (it gave up on a store that does not answer): the writer leaves at once,
+    without its lock file.
+    """
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        writer = serving.writer
+        if os.getppid() == parent_pid and (writer is None or not writer.closing):
+            return
+        if writer is not None:
+            writer.release_run_lock()
+        _leave(1)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    for signum in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _next_setup(inbox: Connection, parent_pid: int) -> dict[str, Any] | None:
