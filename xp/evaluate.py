@@ -42,9 +42,10 @@ def evaluate(cfg: DictConfig, target: ResumeTarget, log_dir: Path) -> float | No
                 "data factory."
             )
         checkpoint = _checkpoint_to_test(target, cfg.test_checkpoint, strategy, str(cfg.test))
-        state = strategy.load_checkpoint(checkpoint)
-        step = int(state.get("progress", {}).get("step", 0))
+        # The trainer first: its callbacks' states (an EMA's average) load with the weights.
         trainer = build_trainer(built)
+        state = strategy.load_checkpoint(checkpoint, states=True)
+        step = int(state.get("progress", {}).get("step", 0))
         metrics = trainer.evaluate(built.test_loader, "test")
         if strategy.is_main_process:
             (Path(target.run_dir) / "test_metrics.json").write_text(

@@ -27,7 +27,10 @@ GROUPS = (
     "checkpoint",
     "tracking",
     "experiment",
+    "callbacks",
 )
+APPENDED = ("experiment", "callbacks")
+"""Groups the primary config does not list: chosen with ``+group=option``."""
 CASES = [
     (group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))
 ]
@@ -54,7 +57,7 @@ def test_every_group_has_options() -> None:
     [pytest.param(g, o, id=f"{g}={o}", marks=EXTRAS.get((g, o), ())) for g, o in CASES],
 )
 def test_option_composes_and_builds(compose, group: str, option: str, tmp_path: Path) -> None:
-    choice = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
+    choice = f"+{group}={option}" if group in APPENDED else f"{group}={option}"
     cfg = compose(
         [
             choice,
@@ -68,6 +71,8 @@ def test_option_composes_and_builds(compose, group: str, option: str, tmp_path: 
         strategy, prepared = built.strategy, built.prepared
         assert strategy.log_dir == (tmp_path / "run").resolve()
         assert strategy.timestamp == "run"
+        if group == "callbacks":
+            assert type(built.callbacks[option]).__module__ == "xp.callback"
         assert isinstance(prepared.model, torch.nn.Module)
         assert len(built.train_loader) == math.ceil(
             len(built.train_loader.dataset) / cfg.data.batch_size  # type: ignore[arg-type]
