@@ -1,17 +1,23 @@
-"""A model whose training step takes a known time, like a step on an accelerator.
+"""A model whose training step takes a known time, like a step on an accelerator, and a
+callback that ends a run when a file appears.
 
 The outage test measures whether the step pace changes while the tracking server is
 down; a step that waits a fixed time makes that pace independent of how busy the two
-cores are (the server restarting beside the run uses them).
+cores are (the server restarting beside the run uses them). The test ends the run (by
+the file) once it has measured enough after the outage, however long the server took to
+come back.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from xp.callback import Callback
 from xp.model import MLP
 
 
@@ -28,3 +34,14 @@ class SleepyMLP(MLP):
         if self.training:
             time.sleep(self.step_s)
         return super().forward(x)
+
+
+class FinishOnFile(Callback):
+    """Ends the run (FINISHED, at the next step) once ``path`` exists."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_step_end(self, trainer: Any, step: int, values: Mapping[str, Any]) -> None:
+        if self.path.exists():
+            trainer.request_finish(f"{self.path} appeared")

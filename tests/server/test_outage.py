@@ -24,13 +24,15 @@ from tests.server.conftest import CONF, Server, run_xp, start_xp, wait_for, xp_e
 pytestmark = pytest.mark.slow
 
 OUTAGE_S = 30.0
-LONG_STEPS = 1050
+AFTER_S = 4.0
+"""How long the run trains on once the server has its backlog (its pace is measured)."""
 LONG = (
     f"--config-dir={CONF}",
     "model=sleepy",
     "model.step_s=0.05",
     "trainer.max_epochs=null",
-    f"trainer.max_steps={LONG_STEPS}",
+    "trainer.max_steps=20000",  # ended by the test (callbacks.finish_on_file)
+    "+callbacks=finish_on_file",
     "trainer.log_interval_steps=1",
     "checkpoint.interval_epochs=0",
     "checkpoint.interval_steps=400",
@@ -64,7 +66,8 @@ def test_a_30s_outage_mid_run(team: Server, tmp_path: Path) -> None:
     client = team.client()
     home = tmp_path / "trainer"
     log = tmp_path / "long.out"
-    proc = start_xp(home, *LONG, env=env, log=log)
+    finish = tmp_path / "finish"
+    proc = start_xp(home, *LONG, f"callbacks.finish_on_file.path={finish}", env=env, log=log)
     try:
         experiment = wait_for(lambda: client.get_experiment_by_name("outage"), "the experiment")
         run_id = wait_for(
@@ -103,7 +106,9 @@ def test_a_30s_outage_mid_run(team: Server, tmp_path: Path) -> None:
             "the backlog",
         )
         delivered_ms = time.time() * 1000
-        assert proc.poll() is None, "the run ended before the server was back: make it longer"
+        assert proc.poll() is None, log.read_text()[-4000:]
+        time.sleep(AFTER_S)
+        finish.touch()  # the run ends FINISHED at its next step
         assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
@@ -113,7 +118,9 @@ def test_a_30s_outage_mid_run(team: Server, tmp_path: Path) -> None:
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     points = client.get_metric_history(run_id, "train/loss")
-    assert [p.step for p in points] == list(range(1, LONG_STEPS + 1))  # every point, once
+    assert [p.step for p in points] == list(range(1, len(points) + 1))  # every point, once
+    assert run.data.tags["xp.stopped_early"].endswith("appeared")
+    assert f"Stopping early at step {len(points)} of" in log.read_text()
     out = log.read_text()
     assert out.count("training goes on") == 1, out  # one warning for the whole outage
     assert "takes writes again" in out
