@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from tests.extras import installed
+from tests.extras import STRICT_ENV, installed
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = Path(__file__).parent / "conf"
@@ -91,25 +91,34 @@ class Postgres:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{db}"
 
 
+def _missing(reason: str) -> None:
+    """Skip for want of PostgreSQL; under .ci/run's XP_TEST_ALL_EXTRAS=1, fail instead."""
+    if os.environ.get(STRICT_ENV) == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     """One PostgreSQL cluster for the session, on 127.0.0.1 at a free port."""
     bindir = _postgres_bindir()
     if bindir is None:
-        pytest.skip(
+        _missing(
             "PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin); "
             "apt-get install postgresql (.ci/run does)"
         )
+    assert bindir is not None
     if not installed("psycopg"):
-        pytest.skip("the PostgreSQL driver psycopg is missing: pip install -e '.[test]'")
+        _missing("the PostgreSQL driver psycopg is missing: pip install -e '.[test]'")
     as_user: list[str] = []
     if os.geteuid() == 0:  # initdb refuses to run as root
         try:
             pwd.getpwnam("postgres")
         except KeyError:
-            pytest.skip("running as root without a 'postgres' user to run PostgreSQL as")
+            _missing("running as root without a 'postgres' user to run PostgreSQL as")
         as_user = ["runuser", "-u", "postgres", "--"]
-    root = Path(tempfile.mkdtemp(prefix="xp-postgres-"))
+    # /tmp: a TMPDIR of root's own (mode 700) would keep the postgres user out.
+    root = Path(tempfile.mkdtemp(prefix="xp-postgres-", dir="/tmp" if as_user else None))
     if as_user:
         shutil.chown(root, "postgres")
     cluster = Postgres(bindir, root, free_port(), as_user)
@@ -120,9 +129,9 @@ def postgres() -> Iterator[Postgres]:
         options = f"-h 127.0.0.1 -p {cluster.port} -k {root} -F -c max_connections=200"
         cluster.run("pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "log"), "-w",
                     "-t", "60", "start")  # fmt: skip
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError) as e:  # installed, yet it does not start: a real failure
         shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"PostgreSQL did not start: {e}")
+        pytest.fail(f"PostgreSQL did not start: {e}")
     try:
         yield cluster
     finally:
@@ -248,7 +257,7 @@ def mlflow_server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) 
     """``mlflow server --app-name basic-auth`` on PostgreSQL, artifacts served by it; the
     user alice created through its API."""
     if not installed("flask_wtf"):
-        pytest.skip("MLflow's basic-auth app needs Flask-WTF: pip install -e '.[test]'")
+        _missing("MLflow's basic-auth app needs Flask-WTF: pip install -e '.[test]'")
     root = tmp_path_factory.mktemp("mlflow-server")
     backend = postgres.createdb("mlflow")
     auth_ini = root / "basic_auth.ini"
