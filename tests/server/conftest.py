@@ -241,11 +241,11 @@ class Server:
         return data if raw else json.loads(data)
 
     def client(self) -> Any:
-        """An MlflowClient logged in as the admin (it reads every user's runs)."""
+        """An MlflowClient logged in as the admin (it reads every user's runs), by the
+        credentials in its URI: the environment stays as the test set it."""
         from mlflow import MlflowClient
 
-        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = ADMIN
-        return MlflowClient(self.uri)
+        return MlflowClient(self.uri.replace("http://", f"http://{ADMIN[0]}:{ADMIN[1]}@"))
 
 
 def _basic(user: str, password: str) -> str:
