@@ -349,7 +349,7 @@ def build_tracker(
         tags["mlflow.source.git.commit"] = git["git_commit"]
         tags["xp.git_commit"] = git["git_commit"]
         tags["xp.git_dirty"] = str(git["git_dirty"]).lower()
-    from xp.sweep import job_tags
+    from xp.sweep import job_params, job_tags
 
     # Every run: xp.config_hash. A sweep's job: named by its swept values, under the parent.
     sweep_name, sweep_tags = job_tags(cfg)
@@ -360,7 +360,10 @@ def build_tracker(
         experiment_name=cfg.experiment_name,
         run_name=sweep_name or strategy.timestamp,
         tags=tags,
-        params=flatten_params({k: v for k, v in _plain(cfg).items() if k not in _NOT_PARAMS}),
+        params={
+            **flatten_params({k: v for k, v in _plain(cfg).items() if k not in _NOT_PARAMS}),
+            **job_params(cfg),  # a sweep's job: its swept values, for MLflow's compare view
+        },
         artifact_location=default_artifact_location(uri, cfg.experiment_name),
         run_id=target.run_id if target is not None else None,
         logger=strategy.logger,

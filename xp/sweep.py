@@ -25,6 +25,7 @@ import atexit
 import contextlib
 import copy
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -387,6 +388,15 @@ def _this_job() -> _JobFacts | None:
 
 
 # --------------------------------------------------------------------------- xp.run's hooks
+
+
+def job_params(cfg: DictConfig) -> dict[str, str]:
+    """The params xp.run adds for this run: a sweep's job's swept values
+    (:func:`swept_params`, which MLflow's compare view plots first); none outside a sweep."""
+    job = _this_job()
+    if job is None or not HydraConfig.initialized():
+        return {}
+    return swept_params([str(o) for o in HydraConfig.get().overrides.task], job.info.swept_keys)
 
 
 def job_tags(cfg: DictConfig) -> tuple[str | None, dict[str, str]]:
@@ -822,6 +832,8 @@ class SweepCallback(Callback):
             return
         self._ended = True
         records = _load_records(Path(info.sweep_dir))
+        if info.tracking_uri and info.parent_run_id:
+            _take_runs_of_jobs(info, records)
         failed = sum(r.status == "FAILED" for r in records)
         if failed or status != "FINISHED":
             _EXIT_STATUS = 1
@@ -897,18 +909,20 @@ class SweepCallback(Callback):
         else:
             exc = job_return._return_value
             error = str(exc).strip() or type(exc).__name__
-        if record.status != "SKIPPED":
-            if info.tracking_uri:
-                # MLflow is the record of a run's metrics; the run directory's metrics.json
-                # may belong to a later run that reused the directory.
-                record.run_id = _child_run_id(info, num, name, config, plan, error)
-                if record.run_id:
-                    record.metrics = _mlflow_metrics(info.tracking_uri, record.run_id, num)
-                    _log_swept_params(info, record.run_id, overrides)
-            else:
-                record.metrics = _metrics_file(record.run_dir)
+        if record.status != "SKIPPED" and not info.tracking_uri:
+            record.metrics = _metrics_file(record.run_dir)
+        elif record.status != "SKIPPED" and error is not None:
+            # A job that failed before its run existed gets a FAILED child run now. The runs
+            # of the others are read once, when the sweep ends (_runs_of_jobs).
+            record.run_id = _child_run_id(info, num, name, config, plan, error)
         if error is None and info.needs_number:
             if record.objective is None:
+                if info.tracking_uri and record.status != "SKIPPED":
+                    # MLflow is the record of a run's metrics; the run directory's
+                    # metrics.json may belong to a later run that reused the directory.
+                    run_id = _child_run_id(info, num, name, config, plan, None)
+                    if run_id:
+                        record.metrics = _mlflow_metrics(info.tracking_uri, run_id, num)
                 known = ", ".join(sorted(record.metrics)) or "none"
                 error = (
                     f"trainer.objective={info.objective!r} gave {value!r}, not a number; the "
@@ -1095,7 +1109,11 @@ def _sweep_params(overrides: Sequence[str], config: DictConfig) -> dict[str, str
     return flatten_params(params)
 
 
-_client = client
+@functools.lru_cache(maxsize=8)
+def _client(tracking_uri: str) -> Any:
+    """One ``MlflowClient`` per store for this process's sweep queries: making one verifies
+    a SQL store's schema (about 10 ms), which each job paid three times."""
+    return client(tracking_uri)
 
 
 def _experiment_id(client: Any, uri: str, name: str) -> str:
@@ -1321,11 +1339,55 @@ def _child_run_id(
     if plan is not None:
         tags["xp.config_hash"] = plan.config_hash
     run = client.create_run(experiment.experiment_id, run_name=_run_name(name), tags=tags)
-    params = [Param(k, v) for k, v in flatten_params(plain).items()]
+    swept = swept_params([str(o) for o in config.hydra.overrides.task], info.swept_keys)
+    params = [Param(k, v) for k, v in {**flatten_params(plain), **swept}.items()]
     for start in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[start : start + 100])
     client.set_terminated(run.info.run_id, "FAILED")
     return str(run.info.run_id)
+
+
+def _take_runs_of_jobs(info: SweepInfo, records: Sequence[JobRecord]) -> None:
+    """Give each job that ran its MLflow run and that run's final metrics, as MLflow has
+    them: one search for the parent's children when the sweep ends, however many jobs (a
+    job that ended does not ask MLflow for its run; its record was complete when it ended).
+    """
+    assert info.tracking_uri is not None
+    from mlflow.entities import ViewType
+
+    try:
+        client = _client(info.tracking_uri)
+        experiment = client.get_experiment_by_name(info.experiment_name)
+        runs: list[Any] = []
+        token = None
+        while experiment is not None:
+            page = client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{info.parent_run_id}'",
+                run_view_type=ViewType.ACTIVE_ONLY,
+                order_by=["attributes.start_time ASC"],
+                max_results=1000,
+                page_token=token,
+            )
+            runs += list(page)
+            token = page.token
+            if not token:
+                break
+    except Exception as e:
+        say(
+            f"xp: could not read the jobs' runs from {info.tracking_uri}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; the "
+            "summary shows no metrics for them.",
+            file=sys.stderr,
+        )
+        return
+    by_job = {r.data.tags.get("xp.sweep_job"): r for r in runs}  # the newest run of a job
+    for record in records:
+        run = by_job.get(str(record.num))
+        if record.status == "SKIPPED" or run is None:
+            continue
+        record.run_id = str(run.info.run_id)
+        record.metrics = {str(k): float(v) for k, v in run.data.metrics.items()}
 
 
 def _mlflow_metrics(uri: str, run_id: str, num: int) -> dict[str, float]:
@@ -1358,24 +1420,6 @@ def swept_params(overrides: Sequence[str], swept: Sequence[str]) -> dict[str, st
         if sep and key in keys:
             values[f"{SWEPT_PARAM_PREFIX}{key}"] = value
     return flatten_params(values)
-
-
-def _log_swept_params(info: SweepInfo, run_id: str, overrides: Sequence[str]) -> None:
-    params = swept_params(overrides, info.swept_keys)
-    if not params or info.tracking_uri is None:
-        return
-    from mlflow.entities import Param
-
-    try:
-        _client(info.tracking_uri).log_batch(
-            run_id, params=[Param(k, v) for k, v in params.items()]
-        )
-    except Exception as e:  # the run and its own params are recorded; this only adds a view
-        say(
-            f"xp: could not add the swept values to run {run_id} ({', '.join(params)}): "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-            file=sys.stderr,
-        )
 
 
 # --------------------------------------------------------------------------- the summary

@@ -214,13 +214,20 @@ def redact_secrets(text: str, environ: Mapping[str, str] | None = None) -> str:
     Use it on anything that may hold a URI or a value taken from the environment (an
     error, a resolved config, a command line).
     """
-    text = redact_uri(text)
-    env = os.environ if environ is None else environ
-    secrets = sorted(
-        {v for k, v in env.items() if len(v) >= _MIN_SECRET_CHARS and is_secret_name(k)},
+    return _without(redact_uri(text), _secret_values(os.environ if environ is None else environ))
+
+
+def _secret_values(environ: Mapping[str, str]) -> list[str]:
+    """The values of the secret-named variables, longest first (a secret that holds a
+    shorter one is replaced whole)."""
+    return sorted(
+        {v for k, v in environ.items() if len(v) >= _MIN_SECRET_CHARS and is_secret_name(k)},
         key=len,
         reverse=True,
     )
+
+
+def _without(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, _REDACTED)
@@ -1346,7 +1353,10 @@ def _check_settings(settings: TrackingConfig) -> None:
 
 def _recordable(values: Mapping[str, Any], limit: int) -> dict[str, str]:
     """Tag or param values as MLflow gets them: no secrets, at most ``limit`` characters."""
-    return {str(k): _shorten(redact_secrets(str(v)), limit) for k, v in values.items()}
+    secrets = _secret_values(os.environ)  # once for all the values (a config's hundreds)
+    return {
+        str(k): _shorten(_without(redact_uri(str(v)), secrets), limit) for k, v in values.items()
+    }
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
