@@ -672,8 +672,12 @@ class Trainer:
                 "start a new run from its weights with load_from=."
             )
         self.metrics = {k: float(v) for k, v in checkpoint.get("metrics", {}).items()}
-        if "log_window" in checkpoint:
-            self._window.load_state_dict(checkpoint["log_window"])
+        windows = checkpoint.get("log_window")
+        if isinstance(windows, list):  # every rank's own sums, in rank order
+            rank = self.strategy.rank
+            windows = windows[rank] if rank < len(windows) else None
+        if windows:
+            self._window.load_state_dict(windows)
         best = checkpoint.get("best")
         if best and best.get("metric") == self.checkpoint.monitor:
             self.best = dict(best)
@@ -743,7 +747,13 @@ class Trainer:
             self.best["path"] = str(path)
         extra = {
             "progress": p.state_dict(),
-            "log_window": self._window.state_dict(),
+            # Each rank sums its own batches since the last log step; a stop between log
+            # steps (at an epoch's end) must give each rank its own back.
+            "log_window": (
+                self.strategy.all_gather_object(self._window.state_dict())
+                if self.strategy.world_size > 1
+                else self._window.state_dict()
+            ),
             "metrics": dict(self.metrics),
             "unstored_metrics": self._metrics_not_yet_stored(),
             "best": dict(self.best) if self.best else {},
