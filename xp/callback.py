@@ -36,8 +36,9 @@ is a request with a reason (HF's flag, Lightning's ``trainer.should_stop``) that
 ranks agree on where they synchronize anyway (a log step, an epoch's end); the run then
 validates, saves and ends FINISHED, tagged ``xp.stopped_early``. There are no priorities
 (mmengine's): callbacks run in the order of the config's dict. Built in, as Lightning and
-mmengine have them: :class:`EarlyStopping` and :class:`EMA`; xp's progress bar is a
-callback too (:class:`ProgressBar`), which took it out of the loop's signatures. The best
+mmengine have them: :class:`EarlyStopping` and :class:`EMA`; xp's progress display is a
+callback too (:class:`ProgressBar` on a terminal, :class:`ProgressLog` elsewhere), which
+took it out of the loop's signatures. The best
 checkpoint (``checkpoint.monitor``) stays in the trainer: it decides when a checkpoint is
 saved and is read back from every checkpoint's ``best`` entry by ``resume=`` and ``test=``,
 so as a callback it would move that code and its checkpoint format, not remove any.
@@ -63,6 +64,7 @@ from torch import Tensor, nn
 
 from xp.config import Mode
 from xp.errors import innermost_message
+from xp.log import draw_live_line, end_live_line
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -109,7 +111,8 @@ class Callback:
     def on_train_log(self, trainer: Trainer, step: int, metrics: Mapping[str, Any]) -> None:
         """After a log step (every ``trainer.log_interval_steps``), with the metrics logged:
         ``train/<name>`` means over the steps since the last log and over the ranks,
-        ``train/lr``, ``train/samples_per_s``, ``train/epoch``."""
+        ``train/lr``, ``train/samples_per_s``, ``train/epoch`` (the epoch being trained,
+        counted from 1 as the log counts)."""
 
     def on_evaluate_start(self, trainer: Trainer, split: str) -> None:
         """An evaluation starts: ``val`` (validation) or ``test`` (``test=``)."""
@@ -557,17 +560,40 @@ def _parameters_by_name(module: nn.Module) -> dict[str, Tensor]:
     }
 
 
+def progress_display(
+    progress_bar: bool | None, interval_s: float, stream: Any = None
+) -> ProgressBar | ProgressLog | None:
+    """How a run shows its progress on ``stream`` (stderr): the bar on a terminal (or where
+    ``progress_bar`` is true), else a log line every ``interval_s`` seconds; None where
+    ``progress_bar`` is false on a terminal, or ``interval_s`` is 0 without one.
+
+    Built by the trainer on rank 0 only, so the other ranks pay nothing for it.
+    """
+    stream = stream or sys.stderr
+    on_terminal = bool(stream.isatty())
+    if progress_bar or (progress_bar is None and on_terminal):
+        return ProgressBar(stream)
+    if interval_s > 0 and not on_terminal:
+        return ProgressLog(interval_s)
+    return None
+
+
 class ProgressBar(Callback):
     """xp's one-line bar over optimizer steps on a terminal (``trainer.progress_bar``).
 
-    Built by the trainer on rank 0 when the bar is on, so a run without it pays nothing.
+    Redrawn in place below the log lines, which :mod:`xp.log` prints above it; epochs
+    count from 1, as the log counts them.
     """
+
+    setting = "trainer.progress_bar"
+    """The setting that shows it, which names it in errors."""
 
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream
         self.total = 0
         self.step = 0
         self.postfix = ""
+        """What the bar shows after its rate: the epoch and the last logged metrics."""
         self._started = 0.0
         self._start_step = 0
         self._drawn = 0.0
@@ -588,16 +614,8 @@ class ProgressBar(Callback):
             self._draw(now)
 
     def on_train_log(self, trainer: Trainer, step: int, metrics: Mapping[str, Any]) -> None:
-        lr = next((v for k, v in metrics.items() if k.startswith("train/lr")), None)
-        shown = " ".join(
-            f"{k.removeprefix('train/')} {float(v):.4f}"
-            for k, v in metrics.items()
-            if k.startswith("train/") and not k.startswith("train/lr") and k not in _NOT_SHOWN
-        )
         # 1-based, as the log counts epochs (Progress.epoch, saved, counts from 0).
-        self.postfix = f"epoch {trainer.progress.epoch + 1} {shown}" + (
-            f" lr {lr:.3g}" if lr is not None else ""
-        )
+        self.postfix = f"epoch {trainer.progress.epoch + 1} {_shown(metrics)}"
 
     def on_fit_end(self, trainer: Trainer, status: str) -> None:
         self.close()
@@ -607,19 +625,86 @@ class ProgressBar(Callback):
         if self._open:
             self._open = False
             self._draw(time.perf_counter())
-            stream = self.stream or sys.stderr
-            stream.write("\n")
-            stream.flush()
+            end_live_line()
 
     def _draw(self, now: float) -> None:
         done = self.step / max(1, self.total)
         rate = (self.step - self._start_step) / max(1e-9, now - self._started)
         bar = "#" * int(done * 30)
-        stream = self.stream or sys.stderr
-        stream.write(
-            f"\r[{bar:<30}] {self.step}/{self.total} {rate:6.1f} step/s {self.postfix}\x1b[K"
+        draw_live_line(
+            f"[{bar:<30}] {self.step}/{self.total} {rate:6.1f} step/s {self.postfix}",
+            self.stream,
         )
-        stream.flush()
+
+
+class ProgressLog(Callback):
+    """xp's progress where stderr is not a terminal (a log file, CI, Slurm, ``nohup``):
+    a plain line in the run's log every ``every_s`` seconds (``trainer.progress_interval_s``),
+    as Lightning and the Hugging Face Trainer print in logs, where a bar would be one
+    endless line::
+
+        step 120/400 (30%) epoch 7/20 loss 0.1234 lr 0.001 41.2 step/s ETA 0:00:07
+
+    Written at the first log step (``trainer.log_interval_steps``) after ``every_s`` have
+    passed, with that step's logged metrics; epochs count from 1, as the log counts them;
+    step/s and the ETA are over the steps since the previous line. It leaves the per-step
+    event alone, so a step pays nothing for it.
+
+    Args:
+        every_s: Seconds between two lines (> 0).
+    """
+
+    setting = "trainer.progress_interval_s"
+    """The setting that shows it, which names it in errors."""
+
+    def __init__(self, every_s: float) -> None:
+        if every_s <= 0:
+            raise ValueError(f"every_s={every_s} must be > 0 (seconds between progress lines).")
+        self.every_s = float(every_s)
+        self._last = (0.0, 0)
+        """(time, step) of the last line, or of the fit's start."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self._last = (time.perf_counter(), trainer.progress.step)
+
+    def on_train_log(self, trainer: Trainer, step: int, metrics: Mapping[str, Any]) -> None:
+        now = time.perf_counter()
+        then, then_step = self._last
+        if now - then < self.every_s:
+            return
+        length = trainer.length
+        total = length.total_steps
+        rate = (step - then_step) / max(1e-9, now - then)
+        shown = _shown(metrics)
+        trainer.strategy.logger.info(
+            "step %d/%d (%d%%) epoch %d/%d %s%.1f step/s ETA %s",
+            step,
+            total,
+            100 * step // max(1, total),
+            trainer.progress.epoch + 1,
+            math.ceil(total / max(1, length.epoch_length)),
+            f"{shown} " if shown else "",
+            rate,
+            _duration((total - step) / rate) if rate > 0 else "?",
+        )
+        self._last = (now, step)
+
+
+def _shown(metrics: Mapping[str, Any]) -> str:
+    """The logged training metrics as the progress shows them: ``loss 0.1234 lr 0.001``."""
+    lr = next((v for k, v in metrics.items() if k.startswith("train/lr")), None)
+    shown = " ".join(
+        f"{k.removeprefix('train/')} {float(v):.4f}"
+        for k, v in metrics.items()
+        if k.startswith("train/") and not k.startswith("train/lr") and k not in _NOT_SHOWN
+    )
+    return shown + (f" lr {lr:.3g}" if lr is not None else "")
+
+
+def _duration(seconds: float) -> str:
+    """``H:MM:SS``."""
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 _NOT_SHOWN = frozenset({"train/samples_per_s", "train/epoch", "train/skipped_batches"})

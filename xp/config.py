@@ -566,6 +566,10 @@ class TrainerConfig:
     """The metric returned to Hydra (and its sweepers) at the end."""
     progress_bar: bool | None = None
     """A progress bar over steps; null: only when stderr is a terminal."""
+    progress_interval_s: float = 30.0
+    """Where stderr is not a terminal (a log file, CI, Slurm, nohup) and no bar is drawn: a
+    progress line in the log every this many seconds (step, epoch, loss, step/s, ETA);
+    0 turns it off."""
     nonfinite: NonFinite = NonFinite.stop
     """A NaN/inf loss: stop (checked every log step) or skip that batch (checked every step)."""
     extend_schedule: ScheduleExtension = ScheduleExtension.restart

@@ -76,6 +76,7 @@ HASH_EXCLUDED = (
     "target_allowlist",
     "sweep",
     "trainer.progress_bar",
+    "trainer.progress_interval_s",
     "trainer.objective",
     "strategy.master_port",
     "test",

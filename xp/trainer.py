@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -18,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from xp.callback import Callback, Callbacks, ProgressBar
+from xp.callback import Callback, Callbacks, progress_display
 from xp.checkpoint import Checkpointer
 from xp.config import CheckpointConfig, Mode, NonFinite, TrainerConfig
 from xp.data import EpochLoader
@@ -256,10 +255,11 @@ class Trainer:
         elif not isinstance(given, Mapping):
             given = {f"{type(c).__name__}_{i}": c for i, c in enumerate(given)}
         s = self.settings
-        bar = sys.stderr.isatty() if s.progress_bar is None else s.progress_bar
         named: dict[str, Callback] = {}
-        if bar and self.strategy.is_main_process:
-            named["trainer.progress_bar"] = ProgressBar()
+        if self.strategy.is_main_process:
+            progress = progress_display(s.progress_bar, s.progress_interval_s)
+            if progress is not None:
+                named[progress.setting] = progress
         named.update({f"callbacks.{name}": callback for name, callback in given.items()})
         return Callbacks(named, self.strategy.logger)
 
@@ -527,7 +527,7 @@ class Trainer:
                     )
         metrics: dict[str, Any] = {f"train/{k}": v for k, v in means.items()}
         metrics["train/samples_per_s"] = samples
-        metrics["train/epoch"] = p.epoch
+        metrics["train/epoch"] = p.epoch + 1  # the epoch being trained, from 1 as the log counts
         for key, wrapper in self._lr_keys.items():
             metrics[key] = wrapper.get_lr()[0]
         if self._skipped:
