@@ -27,6 +27,7 @@ import copy
 import csv
 import functools
 import hashlib
+import hmac
 import io
 import json
 import math
@@ -727,16 +728,22 @@ class SweepCallback(Callback):
     def __init__(self) -> None:
         self._info: SweepInfo | None = None
         self._ended = False
+        self._composed: _ComposedConfigs | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Unpickled in a launcher's worker (joblib, submitit): that process composes the
-        # job's config, which needs xp's resolvers and schemas.
+        # Unpickled in a launcher's worker (joblib, submitit), for each job: that process
+        # composes the job's config, which needs xp's resolvers and schemas (once), or
+        # takes the one the sweep composed already.
         self.__dict__.update(state)
-        from xp.config import register_schemas
-        from xp.rundir import register_resolvers
+        global _REGISTERED
+        if not _REGISTERED:
+            from xp.config import register_schemas
+            from xp.rundir import register_resolvers
 
-        register_resolvers()
-        register_schemas()
+            register_resolvers()
+            register_schemas()
+            _REGISTERED = True
+        _compose_each_job_once(self.__dict__.get("_composed"))
 
     # ------------------------------------------------------------------ launching process
 
@@ -767,8 +774,8 @@ class SweepCallback(Callback):
         swept = _swept_keys(overrides, config)
         uri = _tracking_uri(config) if config.tracking.enabled else None
         launcher = str(config.hydra.launcher.get("_target_", ""))
-        if sweeper == BASIC_SWEEPER and launcher == BASIC_LAUNCHER:
-            _compose_each_job_once()
+        self._composed = _ComposedConfigs(sweep_dir / COMPOSED_DIR, os.urandom(32))
+        _compose_each_job_once(self._composed)
         space = config.hydra.sweeper.get("params") if "params" in config.hydra.sweeper else None
         info = SweepInfo(
             sweep_dir=str(sweep_dir),
@@ -827,7 +834,8 @@ class SweepCallback(Callback):
 
     def _end(self, status: str) -> None:
         global _EXIT_STATUS
-        _VALIDATED.clear()
+        if self._composed is not None:
+            self._composed.clear()
         info = self._info
         if info is None or self._ended:
             return
@@ -1021,30 +1029,78 @@ def _check_sweeper_direction(config: DictConfig, objective: str, direction: str)
         )
 
 
-_VALIDATED: dict[tuple[int, tuple[str, ...]], bytes] = {}
-"""Job configs Hydra's basic sweeper composed to check a batch, pickled, until its basic
-launcher takes them (:func:`_compose_each_job_once`)."""
+COMPOSED_DIR = ".xp_configs"
+"""In the sweep directory: the jobs' configs as the sweep composed them
+(:class:`_ComposedConfigs`)."""
+
+_REGISTERED = False
+"""xp's resolvers and schemas are registered in this process (a launcher's worker)."""
+
+_COMPOSED: _ComposedConfigs | None = None
+"""Where this process keeps, or takes, the jobs' composed configs."""
 
 
-def _compose_each_job_once() -> None:
-    """Compose each job's config once, not twice (Hydra's basic sweeper and launcher).
+class _ComposedConfigs:
+    """Job configs Hydra's sweeper composed to check a batch, kept for the job that runs
+    each (in this process, a joblib worker or a submitit job): one file a job, pickled as
+    Hydra's launchers ship configs (about 20 KiB), signed with a key that only this sweep's
+    processes hold (it travels in the pickled callback), taken and removed by the job."""
 
-    Before it launches a batch, Hydra's basic sweeper composes every job's config so that
-    a bad one fails before any job runs (``validate_batch_is_legal``); its basic launcher
-    then composes each again, in this same process, to run it. xp's config takes 0.1-0.3 s
-    to compose on 2 cores: most of a short job's own cost, twice. The sweeper's
-    compositions are kept, pickled (about 20 KiB a job: the form in which Hydra's joblib
-    launcher sends configs to its workers), and the launcher gets each back, with the
-    master config's resolver cache as Hydra copies it, instead of composing it again.
+    def __init__(self, folder: Path, key: bytes) -> None:
+        self.folder = folder
+        self.key = key
+
+    def _path(self, overrides: Sequence[str]) -> Path:
+        name = hashlib.sha256(json.dumps(list(overrides)).encode()).hexdigest()[:32]
+        return self.folder / f"{name}.pkl"
+
+    def put(self, overrides: Sequence[str], config: DictConfig) -> None:
+        data = pickle.dumps(config)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(overrides)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(hmac.new(self.key, data, "sha256").digest() + data)
+        os.replace(tmp, path)
+
+    def take(self, overrides: Sequence[str]) -> DictConfig | None:
+        """The job's config, or None: never kept, taken already, or not signed by this sweep
+        (then the job composes its own, as Hydra would)."""
+        path = self._path(overrides)
+        try:
+            raw = path.read_bytes()
+            path.unlink()
+        except OSError:
+            return None
+        signature, data = raw[:32], raw[32:]
+        if not hmac.compare_digest(signature, hmac.new(self.key, data, "sha256").digest()):
+            return None
+        config: DictConfig = pickle.loads(data)
+        return config
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _compose_each_job_once(store: _ComposedConfigs | None) -> None:
+    """Compose each job's config once, not twice.
+
+    Before it launches a batch, Hydra's sweeper composes every job's config so that a bad
+    one fails before any job runs (``validate_batch_is_legal``); the launcher then composes
+    each again to run it (Hydra's basic launcher in this process, joblib's in its workers,
+    submitit's in each Slurm job). xp's config takes 0.1-0.3 s to compose on 2 cores: most
+    of a short job's own cost, twice. The sweeper's compositions are kept
+    (:class:`_ComposedConfigs`) and each job takes its own, with the master config's
+    resolver cache as Hydra copies it, instead of composing it again.
     """
+    global _COMPOSED
+    _COMPOSED = store
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.plugins.sweeper import Sweeper
 
-    _VALIDATED.clear()
     if getattr(ConfigLoaderImpl.load_sweep_config, "_xp_once", False):
         return
     compose = ConfigLoaderImpl.load_sweep_config
-    validate = BasicSweeper.validate_batch_is_legal
+    validate = Sweeper.validate_batch_is_legal
     validating = False
 
     def validate_batch_is_legal(self: Any, batch: Sequence[Sequence[str]]) -> None:
@@ -1058,19 +1114,17 @@ def _compose_each_job_once() -> None:
     def load_sweep_config(
         self: Any, master_config: DictConfig, sweep_overrides: list[str]
     ) -> DictConfig:
-        key = (id(master_config), tuple(sweep_overrides))
-        kept = _VALIDATED.pop(key, None)
+        kept = _COMPOSED.take(sweep_overrides) if _COMPOSED is not None else None
         if kept is not None:
-            config: DictConfig = pickle.loads(kept)
-            OmegaConf.copy_cache(from_config=master_config, to_config=config)
-            return config
-        config = compose(self, master_config, sweep_overrides)
-        if validating:
-            _VALIDATED[key] = pickle.dumps(config)
+            OmegaConf.copy_cache(from_config=master_config, to_config=kept)
+            return kept
+        config: DictConfig = compose(self, master_config, sweep_overrides)
+        if validating and _COMPOSED is not None:
+            _COMPOSED.put(sweep_overrides, config)
         return config
 
     load_sweep_config._xp_once = True  # type: ignore[attr-defined]
-    BasicSweeper.validate_batch_is_legal = validate_batch_is_legal  # type: ignore[method-assign]
+    Sweeper.validate_batch_is_legal = validate_batch_is_legal  # type: ignore[method-assign]
     ConfigLoaderImpl.load_sweep_config = load_sweep_config  # type: ignore[method-assign]
 
 

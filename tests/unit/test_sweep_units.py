@@ -353,3 +353,48 @@ def test_jobs_in_one_process_share_a_writer_and_each_run_is_complete_when_it_end
             break  # exited; its zombie waits for init
         assert time.monotonic() < deadline, "the kept writer outlived its process"
         time.sleep(0.1)
+
+
+class _WritesMarker:
+    """A pickle payload that, if loaded, writes a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_a_job_takes_its_config_as_the_sweep_composed_it_and_never_an_unsigned_file(
+    tmp_path: Path,
+) -> None:
+    """Each job's config is composed once (the sweep's check of the batch) and taken by the
+    job that runs it, in any process of the sweep; a file in the sweep directory that this
+    sweep did not sign is never unpickled: the job composes its own."""
+    import hmac
+    import os
+    import pickle
+
+    from omegaconf import OmegaConf
+
+    from xp.sweep import _ComposedConfigs
+
+    store = _ComposedConfigs(tmp_path / ".xp_configs", os.urandom(32))
+    config = OmegaConf.create({"optim": {"lr": 0.003}, "hydra": {"job": {"num": 0}}})
+    store.put(["optim.lr=0.003"], config)
+    assert store.take(["optim.lr=0.001"]) is None  # not composed: the job composes it
+    taken = store.take(["optim.lr=0.003"])
+    assert taken == config
+    assert store.take(["optim.lr=0.003"]) is None  # taken once; nothing left behind
+    assert list((tmp_path / ".xp_configs").iterdir()) == []
+
+    marker = tmp_path / "marker"
+    payload = pickle.dumps(_WritesMarker(marker))
+    path = store._path(["optim.lr=0.1"])
+    for forged in (
+        b"\0" * 32 + payload,
+        hmac.new(os.urandom(32), payload, "sha256").digest() + payload,
+    ):
+        path.write_bytes(forged)
+        assert store.take(["optim.lr=0.1"]) is None
+        assert not marker.exists()
