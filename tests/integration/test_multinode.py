@@ -114,10 +114,16 @@ def launch_slurm_tasks(
     return finish(procs), logs
 
 
-def test_srun_tasks_on_two_nodes(workdir: Path, store: Any, tmp_path: Path) -> None:
-    """Item 6: four tasks of a two-node allocation, their node and local ids not their
-    global rank; threads divide each node's cores between its two tasks."""
-    codes, logs = launch_slurm_tasks([workdir, workdir], ("strategy=ddp",), 2, tmp_path)
+def test_srun_tasks_on_two_nodes_without_a_shared_directory(
+    workdir: Path, store: Any, tmp_path: Path
+) -> None:
+    """Items 6 and 8: four tasks of a two-node allocation, their node and local ids not their
+    global rank, threads dividing each node's cores between its two tasks; node 1 starts in
+    a directory of its own (outputs/ not shared): DDP trains, rank 0 writing alone and
+    saying so, one run directory and one MLflow run."""
+    elsewhere = tmp_path / "node1"
+    elsewhere.mkdir()
+    codes, logs = launch_slurm_tasks([workdir, elsewhere], ("strategy=ddp",), 2, tmp_path)
     assert codes == [0, 0, 0, 0], output(logs)
     run_dir, run = the_run(workdir, store)
     assert run.data.tags["xp.world_size"] == "4"
@@ -126,6 +132,10 @@ def test_srun_tasks_on_two_nodes(workdir: Path, store: Any, tmp_path: Path) -> N
     assert runtime["launcher"] == "slurm" and runtime["slurm_job_id"] == "4242"
     cores = len(os.sched_getaffinity(0))
     assert {r["threads"] for r in runtime["ranks"]} == {max(1, cores // 2)}
+    assert [r["sees_run_dir"] for r in runtime["ranks"]] == [True, True, False, False]
+    log = logs[0].read_text()
+    assert "Ranks [2, 3] (on" in log and "do not see the run directory" in log
+    assert not list(elsewhere.glob("outputs/default/*/*"))  # node 1 wrote nothing
 
 
 @pytest.mark.skipif(
@@ -142,24 +152,14 @@ def test_mpirun(workdir: Path, store: Any, tmp_path: Path) -> None:
     assert json.loads((run_dir / "env.json").read_text())["runtime"]["launcher"] == "mpi"
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_a_run_directory_the_other_node_cannot_see(
-    workdir: Path, store: Any, tmp_path: Path, strategy: str
+def test_sharded_checkpoints_need_a_shared_directory(
+    workdir: Path, store: Any, tmp_path: Path
 ) -> None:
-    """Item 8: node 1 starts in a directory of its own (outputs/ not shared). DDP trains:
-    rank 0 writes alone, and says so. FSDP, whose checkpoints every rank writes, stops
-    before training with the fix; nothing hangs, nothing is left in node 0's outputs."""
+    """Item 8: FSDP, whose checkpoints every rank writes, stops before training when node 1
+    cannot see the run directory, naming the fix; nothing hangs, nothing is left behind."""
     elsewhere = tmp_path / "node1"
     elsewhere.mkdir()
-    codes, logs = launch_slurm_tasks([workdir, elsewhere], (f"strategy={strategy}",), 1, tmp_path)
-    if strategy == "ddp":
-        assert codes == [0, 0], output(logs)
-        run_dir, _ = the_run(workdir, store)
-        assert "Ranks [1] (on" in logs[0].read_text() and "do not see the run directory" in (
-            logs[0].read_text()
-        )
-        assert not list(elsewhere.glob("outputs/default/*/*"))  # node 1 wrote nothing
-        return
+    codes, logs = launch_slurm_tasks([workdir, elsewhere], ("strategy=fsdp",), 1, tmp_path)
     assert all(code != 0 for code in codes), output(logs)
     for log in logs:
         errors = [line for line in log.read_text().splitlines() if line.startswith("xp: error:")]
