@@ -6,10 +6,8 @@ once; the run itself imports them in ``xp.run``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -80,55 +78,9 @@ def _launch_size() -> int:
 
 
 def _ui(argv: list[str]) -> int:
-    """``xp ui``: the MLflow UI on 127.0.0.1, on the store the runs were written to."""
-    parser = argparse.ArgumentParser(prog="xp ui", description=_ui.__doc__)
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="server processes (default 1: one person's UI starts in seconds; MLflow's is 4)",
-    )
-    args = parser.parse_args(argv)
-    from xp.tracking import default_tracking_uri
+    from xp.ui import main as ui_main
 
-    uri = args.tracking_uri or default_tracking_uri(Path(os.environ["XP_LAUNCH_DIR"]))
-    if not uri.startswith("sqlite:") and "://" in uri and not uri.startswith("file:"):
-        say(f"xp ui: runs live on the server {uri}; open it in a browser instead.")
-        return 0
-    cmd = [
-        sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", uri,
-        # Artifacts logged through this server (mlflow-artifacts:/) land beside the store,
-        # not in ./mlartifacts of wherever `xp ui` was started: another `xp ui` finds them.
-        "--artifacts-destination", str(_artifacts_beside(uri)),
-        "--host", args.host,
-        "--port", str(args.port),
-        "--workers", str(args.workers),
-    ]  # fmt: skip
-    say(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)")
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
-
-
-def _artifacts_beside(uri: str) -> Path:
-    """``mlartifacts/`` beside a SQLite database or a file store (outputs/mlartifacts for
-    xp's default store), where xp's own runs keep their artifacts too."""
-    if uri.lower().startswith("sqlite:///"):
-        store = Path(uri[len("sqlite:///") :])
-    else:
-        from urllib.parse import unquote, urlsplit
-
-        store = Path(unquote(urlsplit(uri).path) if uri.startswith("file:") else uri)
-    return store.absolute().parent / "mlartifacts"
+    return ui_main(argv)
 
 
 def _export(argv: list[str]) -> int:
