@@ -61,6 +61,29 @@ def _restore_environment():
             dist.destroy_process_group()
 
 
+@pytest.fixture(autouse=True)
+def _no_writer_left_behind():
+    """A test that starts an MLflow writer in the test process ends it: one left running
+    serves (or confuses) every test after it."""
+    import os
+    import signal
+    import time
+
+    from tests.procs import writer_pids
+
+    if not Path("/proc/self/stat").exists():
+        yield
+        return
+    before = set(writer_pids(os.getpid()))
+    yield
+    deadline = time.monotonic() + 10
+    while (left := set(writer_pids(os.getpid())) - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"the test left MLflow writer processes running: {sorted(left)}"
+
+
 _SKIPPED: list[str] = []
 
 

@@ -42,3 +42,18 @@ def children(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
     return found
+
+
+def writer_pids(root: int, *, descendants: bool = False) -> list[int]:
+    """xp's MLflow writer processes among the children of ``root`` (or all its descendants)."""
+    found, todo = [], [root]
+    while todo:
+        for pid in children(todo.pop()):
+            if descendants:
+                todo.append(pid)
+            try:
+                if b"xp._tracking_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:
+                continue  # it ended meanwhile
+    return found

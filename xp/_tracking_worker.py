@@ -837,6 +837,17 @@ def _import_mlflow() -> None:
         sys.meta_path.remove(hide)
     import mlflow  # noqa: F401
 
+    quiet_store_creation()
+
+
+def quiet_store_creation() -> None:
+    """MLflow's INFO lines as it creates or migrates a SQLite store ("Creating initial MLflow
+    database tables...", "Updating database tables") only where the user asked for MLflow's
+    INFO (``MLFLOW_LOGGING_LEVEL``): a first run's log is the run's story, and these lines
+    say nothing the user can act on. Failures are logged at WARNING and above, as before."""
+    if not os.environ.get("MLFLOW_LOGGING_LEVEL"):
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+
 
 def _load_hdfs_support(artifact_uri: str) -> None:
     """A run whose artifacts live on HDFS: mlflow's HDFS repository gets the pyarrow that

@@ -26,8 +26,11 @@ from xp.strategy.base import Strategy
 from xp.tracking import MlflowTracker, TrackingError, client, default_tracking_uri
 
 
-def evaluate(cfg: DictConfig, target: ResumeTarget, log_dir: Path) -> float | None:
-    """Evaluate ``target``'s checkpoint on the test split; the objective's ``test/`` value."""
+def evaluate(cfg: DictConfig, target: ResumeTarget, log_dir: Path, spec: str) -> float | None:
+    """Evaluate ``target``'s checkpoint on the test split; the objective's ``test/`` value.
+
+    ``spec`` is ``test=`` as given: a checkpoint named by its path is the one evaluated.
+    """
     strategy: Strategy | None = None
     tracker: MlflowTracker | None = None
     status = "FINISHED"
@@ -37,11 +40,11 @@ def evaluate(cfg: DictConfig, target: ResumeTarget, log_dir: Path) -> float | No
         strategy = built.strategy
         if built.test_loader is None:
             raise ValueError(
-                f"test={cfg.test}: data._target_={cfg.data._target_!r} gives no test split; set "
+                f"test={spec}: data._target_={cfg.data._target_!r} gives no test split; set "
                 "data.test_fraction (digits) or data.test (a dataset), or the test= of your "
                 "data factory."
             )
-        checkpoint = _checkpoint_to_test(target, cfg.test_checkpoint, strategy, str(cfg.test))
+        checkpoint = _checkpoint_to_test(target, cfg.test_checkpoint, strategy)
         # The trainer first: its callbacks' states (an EMA's average) load with the weights.
         trainer = build_trainer(built)
         state = strategy.load_checkpoint(checkpoint, states=True)
@@ -85,10 +88,10 @@ def evaluate(cfg: DictConfig, target: ResumeTarget, log_dir: Path) -> float | No
         close_logger()
 
 
-def _checkpoint_to_test(target: ResumeTarget, which: Any, strategy: Strategy, spec: str) -> Path:
+def _checkpoint_to_test(target: ResumeTarget, which: Any, strategy: Strategy) -> Path:
     """The named checkpoint; else the run's best (``test_checkpoint=best``) or latest."""
     given = Path(target.checkpoint)
-    if Path(spec).exists() and Path(spec).resolve() == given.resolve():
+    if target.named:
         return given
     if TestCheckpoint(which) is TestCheckpoint.best:
         best = Checkpointer(Path(target.run_dir) / "checkpoints").best()

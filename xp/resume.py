@@ -14,6 +14,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ class ResumeTarget:
     run_dir_history: tuple[str, ...] = ()
     """Where the run has lived (``host:directory``, oldest first), when it now moves to
     another directory (its recorded one is absent here): the tag ``xp.run_dir_history``."""
+    named: bool = False
+    """The command named this checkpoint by its path (not a run): ``test=`` evaluates it,
+    not the run's best."""
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -222,7 +226,7 @@ def _download_checkpoint(client: Any, run: Any, run_dir: Path) -> Path | None:
         return None
     target = run_dir / "checkpoints"
     target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target) as tmp:
+    with _progress_bars_on_a_terminal(), tempfile.TemporaryDirectory(dir=target) as tmp:
         local = Path(client.download_artifacts(run.info.run_id, f"checkpoints/{names[-1]}", tmp))
         final = target / local.name
         shutil.move(str(local), final)
@@ -232,6 +236,23 @@ def _download_checkpoint(client: Any, run: Any, run_dir: Path) -> Path | None:
     if not is_complete(final):
         return None
     return _latest_in(run_dir)
+
+
+_PROGRESS_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+@contextlib.contextmanager
+def _progress_bars_on_a_terminal() -> Iterator[None]:
+    """MLflow's download progress bars (tqdm) only where stderr is a terminal: in a log
+    file every redraw is one more line. A value the user set is left as it is."""
+    if _PROGRESS_BARS in os.environ or sys.stderr.isatty():
+        yield
+        return
+    os.environ[_PROGRESS_BARS] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(_PROGRESS_BARS, None)
 
 
 def _fetch(client: Any, run_id: str, name: str, tmp: str, run_dir: Path) -> None:
@@ -316,6 +337,7 @@ def resolve(
     """
     run = None
     history: tuple[str, ...] = ()
+    named = False
     if RUN_ID.match(spec):
         from mlflow.exceptions import MlflowException
 
@@ -365,6 +387,7 @@ def resolve(
         )
     else:
         checkpoint, run_dir = _from_path(Path(spec), key)
+        named = Path(spec).resolve() == checkpoint.resolve()
     # test= of a live run is refused too: it would re-open the run's MLflow record and end it.
     holder = RunDirLock(run_dir).holder(wait_s=2.0) if key in ("resume", "test") else None
     if holder is not None:
@@ -384,6 +407,7 @@ def resolve(
         config_dirs=tuple(meta.get("config_dirs", ())),
         # load_from= starts a new run: the run it reads from stays where it was recorded.
         run_dir_history=history if key in ("resume", "test") else (),
+        named=named,
     )
 
 

@@ -66,6 +66,7 @@ def run(cfg: DictConfig) -> float | None:
         return plan.objective
     if plan is not None and plan.resume is not None:
         target, log_dir = plan.resume, Path(plan.resume.run_dir)
+    spec = str(cfg.get("test") or "")  # the restored config no longer names it
     cfg, accepted = _restore(cfg, target)
     if infer_launcher() is Launcher.none and int(cfg.strategy.get("nproc_per_node", 1)) != 1:
         from xp.launch import run_workers
@@ -81,7 +82,7 @@ def run(cfg: DictConfig) -> float | None:
     if tested is not None:
         from xp.evaluate import evaluate
 
-        return evaluate(cfg, tested, log_dir)
+        return evaluate(cfg, tested, log_dir, spec)
     with _Life(log_dir) as life:
         life.build(cfg, target)
         life.track(cfg, target, accepted, _start_time_ms(started_ms, target))

@@ -274,6 +274,9 @@ def client(tracking_uri: str) -> Any:
     """
     from mlflow import MlflowClient
 
+    from xp._tracking_worker import quiet_store_creation
+
+    quiet_store_creation()
     if _is_http(tracking_uri):
         for name, value in _HTTP_RETRY_ENV.items():
             os.environ.setdefault(name, value)

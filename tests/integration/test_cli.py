@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.procs import children
+from tests.procs import writer_pids
 
 pytestmark = pytest.mark.slow
 
@@ -317,18 +316,6 @@ def _written_points(store) -> int:
     return len(store.get_metric_history(runs[0].info.run_id, "train/loss")) if runs else 0
 
 
-def _writer_pids(root: int) -> list[int]:
-    """The MLflow writer processes among the descendants of ``root``."""
-    found, todo = [], [root]
-    while todo:
-        for pid in children(todo.pop()):
-            todo.append(pid)
-            with contextlib.suppress(OSError):
-                if b"xp._tracking_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    found.append(pid)
-    return found
-
-
 def test_a_run_whose_mlflow_writer_dies_exits_non_zero_and_resume_completes_it(
     workdir: Path, store, xp
 ) -> None:
@@ -345,7 +332,7 @@ def test_a_run_whose_mlflow_writer_dies_exits_non_zero_and_resume_completes_it(
     while not _written_points(store):  # the writer created the run and wrote into it
         assert proc.poll() is None and time.monotonic() < deadline, "nothing reached MLflow"
         time.sleep(0.05)
-    before = set(_writer_pids(proc.pid))
+    before = set(writer_pids(proc.pid, descendants=True))
     assert len(before) == 1
     os.kill(before.pop(), signal.SIGKILL)
     _, err = proc.communicate(timeout=240)
@@ -457,3 +444,18 @@ def test_shell_completion_of_the_xp_command_and_verbose_logging(xp, workdir: Pat
     assert "DEBUG xp: Built MLP (" in verbose.stderr
     quiet = xp("trainer.max_epochs=1", "tracking=off")
     assert " DEBUG " not in quiet.stderr
+
+
+def test_a_default_run_prints_its_story_and_nothing_else(tmp_path: Path) -> None:
+    """On a fresh machine (no store yet), `python -m xp` prints what the run does, once."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XP_", "MLFLOW_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "xp"], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    kinds = [line.split(" xp: ", 1)[1].split(" ")[0] if " INFO xp: " in line else line
+             for line in lines]  # fmt: skip
+    assert kinds == ["Run", *["epoch"] * 20, "Saved", "Done:"], result.stderr
+    assert result.stdout.count("\n") == 1 and "finished; log_dir" in result.stdout

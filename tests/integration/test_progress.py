@@ -6,6 +6,7 @@ import fcntl
 import os
 import pty
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -118,3 +119,18 @@ def test_without_a_terminal_a_run_logs_progress_lines(xp, workdir: Path, store) 
     epochs = store.get_metric_history(run.info.run_id, "train/epoch")
     assert [(m.step, m.value) for m in epochs][:2] == [(10, 1.0), (20, 1.0)]
     assert [(m.step, m.value) for m in epochs][-2:] == [(50, 3.0), (60, 3.0)]
+
+
+def test_resume_downloads_print_no_progress_bars_into_logs(xp, workdir: Path, store) -> None:
+    """resume= of a run whose directory is gone fetches it from MLflow's artifacts; in a log
+    (stderr not a terminal) MLflow's download bars would be lines of tqdm noise."""
+    assert xp("trainer.max_epochs=2").returncode == 0
+    run = only_run(store)
+    (log_dir,) = run_dirs(workdir)
+    shutil.rmtree(log_dir)
+    result = xp(f"resume={run.info.run_id}", "trainer.max_epochs=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (log_dir / ".hydra" / "config.yaml").is_file()  # fetched (a folder: MLflow's bar)
+    assert "Downloading artifacts" not in result.stderr and "it/s]" not in result.stderr, (
+        result.stderr[-3000:]
+    )

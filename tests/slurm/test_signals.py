@@ -10,7 +10,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from tests.procs import alive, children
+from tests.procs import alive, writer_pids
 from xp.config import TrackingConfig
 from xp.tracking import MlflowTracker
 
@@ -29,7 +29,7 @@ def test_the_mlflow_writer_survives_slurm_signals_and_records_the_stop(mlflow_ur
     )
     tracker.start()
     tracker.wait_ready(timeout=60)
-    (writer,) = children(os.getpid())
+    (writer,) = writer_pids(os.getpid())
     for step in range(1, 301):
         tracker.log_metrics({"train/loss": 1.0 / step}, step=step)
     for signum in SLURM_SIGNALS:  # as Slurm does: every process of the step gets them

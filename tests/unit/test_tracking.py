@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.procs import alive, wait_gone
+from tests.procs import alive, wait_gone, writer_pids
 from xp import tracking
 from xp.config import ServerDownAtStart, TrackingConfig
 from xp.tracking import (
@@ -286,21 +286,6 @@ def test_reopened_run_continues(
 
 
 # --------------------------------------------------------------------------- the writer process
-
-
-def writer_pids(parent: int) -> list[int]:
-    """Living processes started by ``parent`` that run xp's MLflow writer."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and alive(int(entry.name)):
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                command = (entry / "cmdline").read_bytes()
-            except (OSError, IndexError, ValueError):
-                continue  # it ended meanwhile
-            if ppid == parent and b"xp._tracking_worker" in command:
-                found.append(int(entry.name))
-    return found
 
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")

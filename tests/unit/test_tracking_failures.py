@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.procs import wait_gone
+from tests.procs import wait_gone, writer_pids
 from tests.unit.test_tracking import (
     history,
     make_tracker,
     needs_proc,
     read_json,
     start_training,
-    writer_pids,
 )
 from xp.config import TrackingConfig
 from xp.tracking import TrackingError, TrackingIncomplete
