@@ -62,6 +62,10 @@ def _prepare_environment() -> None:
         os.chdir(launch)
     if not os.environ.get("XP_TIMESTAMP") and _rank() == 0:
         os.environ["XP_TIMESTAMP"] = time.strftime("%Y%m%d_%H%M%S")
+    if not sys.stderr.isatty():
+        # A log file, CI, Slurm: libraries that colour their lines (Optuna's colorlog
+        # handler does on any stream) write plain text. FORCE_COLOR=1 keeps colours.
+        os.environ.setdefault("NO_COLOR", "1")
 
 
 def _rank() -> int:

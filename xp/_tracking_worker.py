@@ -7,27 +7,15 @@ SQLAlchemy's work (~160 us of Python per metric point) ever holds the training
 process's GIL. It imports neither torch nor omegaconf: only this module, ``xp.tracking``
 (standard library only) and mlflow.
 
-The protocol. The pipes carry pickled tuples of plain values.
-
-From the tracker, in this order:
-
-- ``("setup", dict)``: the store, the run to create or re-open, its start time.
-- ``("metrics", [(key, value, timestamp_ms, step), ...], through_step)`` and
-  ``("op", what, request)``, as often as there is something to hand over.
-- ``("close", status, end_time_ms, patience_s, keep)``: write the rest, giving up after
-  ``patience_s`` without progress, then end the run with ``status`` at ``end_time_ms``.
-  ``keep``: then wait for the next run's ``setup`` instead of exiting (a sweep's jobs,
-  one after the other in one process, share one writer: its imports and its store
-  connection are paid once).
-
-To the tracker: ``("ready", run_id)`` or ``("failed", message, detail)``; then any of
-``("log", level, text)``, ``("store", up, reason)`` (the store stopped or started taking
-writes), ``("progress", done_points, written_through_step, written_ops, handled_ops,
-refused_points, overflow_points)``; last ``("report", terminated, last_error, stays)``,
-sent once the run's end is written (or given up on). ``stays``: this writer takes the
-next ``setup`` on the same pipes (it was asked to keep and nothing went wrong); else it
-exits. Each run is a whole exchange from ``setup`` to ``report``; between runs a kept
-writer holds no run and no lock, and leaves when its pipe closes or its parent dies.
+The protocol: the pipes carry pickled tuples, the kind first. The messages are defined
+once, in :mod:`xp.tracking`: :class:`~xp.tracking.ToWriter` (``SETUP``, then ``METRICS``
+and ``OP`` (a :class:`~xp.tracking.Request`) as often as there is something to hand
+over, last ``CLOSE``) and :class:`~xp.tracking.FromWriter` (``READY`` or ``FAILED``;
+then any of ``LOG``, ``STORE``, ``PROGRESS``; last ``REPORT``, once the run's end is
+written or given up on). Each run is a whole exchange from ``SETUP`` to ``REPORT``;
+between runs a kept writer (``CLOSE`` with ``keep``, a sweep's jobs one after the other
+in one process: its imports and its store connection are paid once) holds no run and no
+lock, and leaves when its pipe closes or its parent dies.
 
 When either side dies:
 
@@ -79,8 +67,12 @@ from xp.tracking import (
     ERROR_TAG,
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
+    FromWriter,
+    Request,
+    ToWriter,
     TrackingError,
     _first_line,
+    quiet_store_creation,
     redact_secrets,
     redact_uri,
 )
@@ -115,7 +107,7 @@ class _ParentLog:
 
     def log(self, level: int, msg: str, *args: Any) -> None:
         text = redact_secrets(msg % args if args else msg)
-        if not self._send("log", level, text):
+        if not self._send(FromWriter.LOG, level, text):
             print(f"xp.tracking: {text}", file=sys.stderr, flush=True)
 
     def info(self, msg: str, *args: Any) -> None:
@@ -207,12 +199,12 @@ class _Writer:
             while True:
                 message = inbox.recv()
                 kind = message[0]
-                if kind == "metrics":
+                if kind == ToWriter.METRICS:
                     self._take_points(message[1], message[2])
-                elif kind == "op":
+                elif kind == ToWriter.OP:
                     with self._lock:
                         self._ops.append((message[1], message[2]))
-                elif kind == "close":
+                elif kind == ToWriter.CLOSE:
                     self.closing = True
                     self.inbox.put(message)
                     return
@@ -261,13 +253,17 @@ class _Writer:
         try:
             client = self._open_patiently()
         except Exception as exc:
-            self.send("failed", self._describe_failure(exc), redact_secrets(traceback.format_exc()))
+            self.send(
+                FromWriter.FAILED,
+                self._describe_failure(exc),
+                redact_secrets(traceback.format_exc()),
+            )
             return False, 1
         if client is None:  # the server never answered: the run does not exist there
             error = _first_line(self._last_error) if self._last_error else None
-            self.send("report", False, error, False)
+            self.send(FromWriter.REPORT, False, error, False)
             return False, 0
-        self.send("ready", self.run_id)
+        self.send(FromWriter.READY, self.run_id)
         terminated = keep = False
         try:
             close = self._early_close or self._serve(client)
@@ -287,7 +283,7 @@ class _Writer:
         self._report_progress()
         stays = bool(keep) and not self.orphaned.is_set()
         error = _first_line(self._last_error) if self._last_error else None
-        self.send("report", terminated, error, stays)
+        self.send(FromWriter.REPORT, terminated, error, stays)
         return stays and self._outbox_open, 0
 
     def _serve(self, client: MlflowClient) -> tuple[Any, ...] | None:
@@ -300,7 +296,7 @@ class _Writer:
             while message is not None:
                 if message[0] == "gone":
                     return None
-                if message[0] == "close":
+                if message[0] == ToWriter.CLOSE:
                     return message
                 message = self._next()
             if self.orphaned.is_set():
@@ -336,13 +332,13 @@ class _Writer:
                 self._last_error = exc
                 if not self._store_down:
                     self._store_down = True
-                    self.send("store", False, f"does not answer ({_first_line(exc)})")
+                    self.send(FromWriter.STORE, False, f"does not answer ({_first_line(exc)})")
                 if not self._wait_to_open_again():
                     return None
                 continue
             if self._store_down:
                 self._store_down = False
-                self.send("store", True, "")
+                self.send(FromWriter.STORE, True, "")
             return client
 
     def _wait_to_open_again(self) -> bool:
@@ -362,7 +358,7 @@ class _Writer:
                 continue
             if message[0] == "gone":
                 return False
-            if message[0] == "close":
+            if message[0] == ToWriter.CLOSE:
                 self._early_close, self._close_since = message, time.monotonic()
 
     def _open_run(self) -> MlflowClient:
@@ -658,11 +654,11 @@ class _Writer:
             self._next_attempt = time.monotonic() + self.flush_interval_s
             if not self._store_down:
                 self._store_down = True
-                self.send("store", False, f"did not take {what} ({_first_line(exc)})")
+                self.send(FromWriter.STORE, False, f"did not take {what} ({_first_line(exc)})")
             return None
         if self._store_down:
             self._store_down = False
-            self.send("store", True, "")
+            self.send(FromWriter.STORE, True, "")
         return True
 
     def _progress_state(self) -> tuple[int, ...]:
@@ -680,7 +676,7 @@ class _Writer:
         if state != self._reported:
             self._reported = state
             self.last_progress = time.monotonic()
-            self.send("progress", *state)
+            self.send(FromWriter.PROGRESS, *state)
 
 
 # --------------------------------------------------------------------------- writes
@@ -689,13 +685,13 @@ class _Writer:
 def _apply(client: MlflowClient, run_id: str, request: tuple[Any, ...], log: _ParentLog) -> None:
     """Carry out one queued write other than metrics (see ``MlflowTracker._enqueue``)."""
     kind = request[0]
-    if kind == "tags":
+    if kind == Request.TAGS:
         _log_tags(client, run_id, request[1])
-    elif kind == "artifact":
+    elif kind == Request.ARTIFACT:
         client.log_artifact(run_id, request[1], request[2])
-    elif kind == "artifacts":
+    elif kind == Request.ARTIFACTS:
         client.log_artifacts(run_id, request[1], request[2])
-    elif kind == "checkpoint":
+    elif kind == Request.CHECKPOINT:
         _, path, max_mb = request
         local = Path(path)
         size_mb = _size_bytes(local) / 2**20
@@ -711,10 +707,10 @@ def _apply(client: MlflowClient, run_id: str, request: tuple[Any, ...], log: _Pa
             max_mb,
             CHECKPOINT_LOCATION_TAG,
         )
-    elif kind == "error":
+    elif kind == Request.ERROR:
         error = request[1]
         _log_tags(client, run_id, {ERROR_TAG: error[:_ERROR_TAG_CHARS]})
-    elif kind == "error_text":
+    elif kind == Request.ERROR_TEXT:
         client.log_text(run_id, request[1], "error.txt")
     else:
         raise AssertionError(f"unknown write {kind!r}")
@@ -838,15 +834,6 @@ def _import_mlflow() -> None:
     import mlflow  # noqa: F401
 
     quiet_store_creation()
-
-
-def quiet_store_creation() -> None:
-    """MLflow's INFO lines as it creates or migrates a SQLite store ("Creating initial MLflow
-    database tables...", "Updating database tables") only where the user asked for MLflow's
-    INFO (``MLFLOW_LOGGING_LEVEL``): a first run's log is the run's story, and these lines
-    say nothing the user can act on. Failures are logged at WARNING and above, as before."""
-    if not os.environ.get("MLFLOW_LOGGING_LEVEL"):
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 def _load_hdfs_support(artifact_uri: str) -> None:
@@ -1026,7 +1013,7 @@ def _next_setup(inbox: Connection, parent_pid: int) -> dict[str, Any] | None:
         kind, setup = inbox.recv()
     except (EOFError, OSError):
         return None  # the training process went away before it said anything (or never used it)
-    assert kind == "setup", kind
+    assert kind == ToWriter.SETUP, kind
     return dict(setup)
 
 

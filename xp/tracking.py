@@ -19,6 +19,10 @@ No URI password or secret reaches text here: every message, tag and param goes t
 :func:`redact_secrets` (:func:`redact_uri` for URIs, :func:`is_secret_name` for the
 environment).
 
+The messages on the pipes between the two processes are :class:`ToWriter`,
+:class:`FromWriter` and :class:`Request`; what each side does when the other dies is in
+:mod:`xp._tracking_worker`.
+
 This module imports neither torch nor mlflow (``xp.config`` only for type checking, which
 keeps omegaconf out too); the writer process is the only one that imports mlflow.
 """
@@ -266,6 +270,15 @@ def check_tracking_uri(tracking_uri: str) -> None:
     )
 
 
+def quiet_store_creation() -> None:
+    """MLflow's INFO lines as it creates or migrates a SQLite store ("Creating initial MLflow
+    database tables...", "Updating database tables") only where the user asked for MLflow's
+    INFO (``MLFLOW_LOGGING_LEVEL``): a first run's log is the run's story, and these lines
+    say nothing the user can act on. Failures are logged at WARNING and above, as before."""
+    if not os.environ.get("MLFLOW_LOGGING_LEVEL"):
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+
+
 def client(tracking_uri: str) -> Any:
     """An ``MlflowClient`` for this process's own queries (resume, sweeps, compare).
 
@@ -273,8 +286,6 @@ def client(tracking_uri: str) -> Any:
     server does not answer (a value of ``MLFLOW_HTTP_REQUEST_*`` the user exported wins).
     """
     from mlflow import MlflowClient
-
-    from xp._tracking_worker import quiet_store_creation
 
     quiet_store_creation()
     if _is_http(tracking_uri):
@@ -384,6 +395,58 @@ def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# --------------------------------------------------------------------------- the pipes
+
+
+class ToWriter(str, enum.Enum):
+    """What the tracker sends its writer process (:mod:`xp._tracking_worker`): pickled
+    tuples of plain values, the message's kind first. A run is one exchange from
+    ``SETUP`` to the writer's ``REPORT``."""
+
+    SETUP = "setup"
+    """``(SETUP, dict)``: the store, the run to create or re-open, its start time
+    (:meth:`MlflowTracker._setup`)."""
+    METRICS = "metrics"
+    """``(METRICS, [(key, value, timestamp_ms, step), ...], through_step)``."""
+    OP = "op"
+    """``(OP, what, request)``: a write other than metrics, in the order asked for;
+    ``request`` starts with a :class:`Request`."""
+    CLOSE = "close"
+    """``(CLOSE, status, end_time_ms, patience_s, keep)``: write the rest, giving up after
+    ``patience_s`` without progress, end the run with ``status``; ``keep``: then wait for
+    the next run's ``SETUP`` instead of exiting (a sweep's jobs share one writer)."""
+
+
+class Request(str, enum.Enum):
+    """The writes an ``OP`` carries (``xp._tracking_worker._apply`` carries them out)."""
+
+    TAGS = "tags"  # (TAGS, {key: value})
+    ARTIFACT = "artifact"  # (ARTIFACT, local path, artifact path or None)
+    ARTIFACTS = "artifacts"  # (ARTIFACTS, local folder, artifact path or None)
+    CHECKPOINT = "checkpoint"  # (CHECKPOINT, local path, max MB to upload, else a tag)
+    ERROR = "error"  # (ERROR, text): the run's error tag
+    ERROR_TEXT = "error_text"  # (ERROR_TEXT, text): error.txt
+
+
+class FromWriter(str, enum.Enum):
+    """What the writer process sends back, the message's kind first."""
+
+    READY = "ready"
+    """``(READY, run_id)``: the run exists; or else ``FAILED``."""
+    FAILED = "failed"
+    """``(FAILED, message, detail)``: the run could not be created or re-opened."""
+    LOG = "log"
+    """``(LOG, level, text)``: a line for the run's log (the tracker's logger)."""
+    STORE = "store"
+    """``(STORE, up, reason)``: the store stopped, or started again, taking writes."""
+    PROGRESS = "progress"
+    """``(PROGRESS, done_points, written_through_step, written_ops, handled_ops,
+    refused_points, overflow_points)``."""
+    REPORT = "report"
+    """``(REPORT, terminated, last_error, stays)``, last, once the run's end is written
+    (or given up on); ``stays``: the writer takes the next ``SETUP`` on the same pipes."""
+
+
 # --------------------------------------------------------------------------- tracker
 
 
@@ -394,7 +457,7 @@ class _Op:
     what: str
     """Names the write in messages, e.g. "artifact /path/model.pt"."""
     request: tuple[Any, ...]
-    """Plain values that say what to write (``xp._tracking_worker._apply`` reads them)."""
+    """A :class:`Request` and plain values that say what to write."""
 
 
 _WriterHandle = tuple["subprocess.Popen[bytes]", "Connection", "Connection"]
@@ -585,7 +648,7 @@ class MlflowTracker:
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._closed = False
-        self._close_request: tuple[Any, ...] = ("close", "FINISHED", 0, 0.0, False)
+        self._close_request: tuple[Any, ...] = (ToWriter.CLOSE, "FINISHED", 0, 0.0, False)
         self._writer_stays = False  # it serves the next run of this process (keep_writers)
         self._run_id: str | None = None
         self._failure: BaseException | None = None
@@ -746,7 +809,7 @@ class MlflowTracker:
             TrackingError: the run could not be created.
         """
         from_caller = _recordable(tags, MAX_TAG_VAL_LENGTH)
-        self._enqueue(_Op(f"tags {sorted(from_caller)}", ("tags", from_caller)), "set_tags")
+        self._enqueue(_Op(f"tags {sorted(from_caller)}", (Request.TAGS, from_caller)), "set_tags")
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Queue a file (or a directory, under its own name) for upload.
@@ -758,7 +821,7 @@ class MlflowTracker:
             TrackingError: the run could not be created.
         """
         local = _existing(path, "log_artifact")
-        request = ("artifact", str(local), artifact_path)
+        request = (Request.ARTIFACT, str(local), artifact_path)
         self._enqueue(_Op(f"artifact {local}", request), "log_artifact")
 
     def log_artifacts(self, directory: Path, artifact_path: str | None = None) -> None:
@@ -774,7 +837,7 @@ class MlflowTracker:
                 f"log_artifacts got {local}, which is a file; "
                 "HINT: use log_artifact for a single file."
             )
-        request = ("artifacts", str(local), artifact_path)
+        request = (Request.ARTIFACTS, str(local), artifact_path)
         self._enqueue(_Op(f"artifacts {local}", request), "log_artifacts")
 
     def log_checkpoint(self, path: Path) -> None:
@@ -789,7 +852,7 @@ class MlflowTracker:
             TrackingError: the run could not be created.
         """
         local = _existing(path, "log_checkpoint")
-        request = ("checkpoint", str(local), float(self.settings.checkpoint_artifact_max_mb))
+        request = (Request.CHECKPOINT, str(local), float(self.settings.checkpoint_artifact_max_mb))
         self._enqueue(_Op(f"checkpoint {local}", request), "log_checkpoint")
 
     def close(self, status: str = "FINISHED", error: str | None = None) -> None:
@@ -827,10 +890,10 @@ class MlflowTracker:
             return
         if error is not None:
             error = redact_secrets(error)
-            self._ops.append(_Op("error tag", ("error", error)))
-            self._ops.append(_Op("error.txt", ("error_text", error)))
+            self._ops.append(_Op("error tag", (Request.ERROR, error)))
+            self._ops.append(_Op("error.txt", (Request.ERROR_TEXT, error)))
         patience_s = float(self.settings.close_timeout_s)
-        self._close_request = ("close", status, end_time_ms, patience_s, _KEEP_WRITERS)
+        self._close_request = (ToWriter.CLOSE, status, end_time_ms, patience_s, _KEEP_WRITERS)
         self._last_progress = time.monotonic()
         self._closing.set()
         self._wake.set()
@@ -1026,7 +1089,7 @@ class MlflowTracker:
     def _send_loop(self) -> None:
         kept_open = False
         try:
-            self._send(("setup", self._setup()))
+            self._send((ToWriter.SETUP, self._setup()))
             while True:
                 closing = self._closing.is_set()
                 self._hand_over()
@@ -1092,7 +1155,7 @@ class MlflowTracker:
             self._send_points(points, through)
         while self._ops:
             op = self._ops.popleft()
-            if self._send(("op", op.what, op.request)):
+            if self._send((ToWriter.OP, op.what, op.request)):
                 self._sent_ops.append(op.what)
             else:
                 self._lost_ops.append(op.what)
@@ -1100,7 +1163,7 @@ class MlflowTracker:
     def _send_points(self, points: list[tuple[str, float, int, int]], through: int) -> None:
         if not self._outstanding():
             self._busy_since = time.monotonic()
-        if self._send(("metrics", points, through)):
+        if self._send((ToWriter.METRICS, points, through)):
             self._sent_points += len(points)
             self._handed_through = through
         else:
@@ -1158,7 +1221,7 @@ class MlflowTracker:
             while True:
                 message = self._from_writer.recv()
                 kind = message[0]
-                if kind == "progress":
+                if kind == FromWriter.PROGRESS:
                     (
                         self._done_points,
                         self.written_through_step,
@@ -1171,17 +1234,17 @@ class MlflowTracker:
                     if self._stalled:  # the writer never saw an error: it says nothing
                         self._stalled = False
                         self._store_down_changed(True, "")
-                elif kind == "store":
+                elif kind == FromWriter.STORE:
                     self._store_down_changed(message[1], message[2])
-                elif kind == "log":
+                elif kind == FromWriter.LOG:
                     self._log.log(message[1], "%s", redact_secrets(message[2]))
-                elif kind == "ready":
+                elif kind == FromWriter.READY:
                     self._run_id = message[1]
                     self._last_progress = time.monotonic()  # the stall watch starts here
                     self._ready.set()
-                elif kind == "failed":
+                elif kind == FromWriter.FAILED:
                     self._fail(message[1], message[2])
-                elif kind == "report":
+                elif kind == FromWriter.REPORT:
                     self._terminated, error, stays = message[1], message[2], message[3]
                     self._last_error = error or self._last_error
                     self._ready.set()  # never created, if not before: the store never answered

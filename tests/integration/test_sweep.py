@@ -305,6 +305,8 @@ def test_a_failed_job_is_a_failed_child_and_the_sweep_carries_on(xp, workdir: Pa
 def test_optuna_three_trials(xp, workdir: Path, store, tmp_path: Path) -> None:
     result = xp("-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Optuna's own lines, in a log (stderr is not a terminal here): no colour codes.
+    assert "A new study created" in result.stderr and "\x1b[" not in result.stderr
     (parent,), children = sweep_runs(store)
     assert len(children) == 3
     assert parent.data.tags["xp.sweeper"] == "OptunaSweeper"
