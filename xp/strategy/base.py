@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import socket
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -292,6 +293,10 @@ class Strategy(ABC):
         torch.set_num_threads(self._threads(threads_per_process))
         self._raise_open_file_limit(resource_limit)
         self._setup_distributed()
+        if self.rank != 0:
+            # A library's deprecation notices are the same on every rank: rank 0 shows them.
+            for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+                warnings.filterwarnings("ignore", category=category)
         torch.backends.cudnn.benchmark = cudnn_benchmark and not self._randomness.deterministic
         self._set_randomness()
 
