@@ -692,10 +692,12 @@ def _apply(client: MlflowClient, run_id: str, request: tuple[Any, ...], log: _Pa
     elif kind == Request.ARTIFACTS:
         client.log_artifacts(run_id, request[1], request[2])
     elif kind == Request.CHECKPOINT:
-        _, path, max_mb = request
+        _, path, max_mb, sidecar = request
         local = Path(path)
         size_mb = _size_bytes(local) / 2**20
         if size_mb <= max_mb:
+            if sidecar is not None:  # first: a checkpoint listed has its checksum beside it
+                client.log_artifact(run_id, sidecar, "checkpoints")
             client.log_artifact(run_id, path, "checkpoints")
             return
         _log_tags(client, run_id, {CHECKPOINT_LOCATION_TAG: path})

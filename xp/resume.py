@@ -230,6 +230,8 @@ def _download_checkpoint(client: Any, run: Any, run_dir: Path) -> Path | None:
         local = Path(client.download_artifacts(run.info.run_id, f"checkpoints/{names[-1]}", tmp))
         final = target / local.name
         shutil.move(str(local), final)
+        # Its checksum (a single file's sidecar): verified as a local checkpoint is.
+        _fetch(client, run.info.run_id, f"checkpoints/{final.name}.sha256", tmp, run_dir)
         for name in _RUN_FILES:  # older runs may lack them; a checkpoint has run.json's facts
             _fetch(client, run.info.run_id, name, tmp, run_dir)
         _fetch(client, run.info.run_id, f"{_timestamp_of(run_dir, run)}.log", tmp, run_dir)

@@ -333,6 +333,13 @@ def _taken(path: Path) -> str:
         )
     held = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+    checkpoints = path / "checkpoints"
+    if not (checkpoints.is_dir() and any(checkpoints.glob("step_*"))):
+        return (
+            f"hydra.run.dir={path} holds a run that stopped before its first checkpoint "
+            f"({shown}): nothing there can be resumed, and a new run never writes into "
+            f"another's files; remove it (rm -r {path}) or give a new or empty directory."
+        )
     return (
         f"hydra.run.dir={path} already holds another run's files ({shown}), and a new run "
         f"never writes into them; continue that run with `python -m xp resume={path}`, or give "

@@ -423,7 +423,7 @@ class Request(str, enum.Enum):
     TAGS = "tags"  # (TAGS, {key: value})
     ARTIFACT = "artifact"  # (ARTIFACT, local path, artifact path or None)
     ARTIFACTS = "artifacts"  # (ARTIFACTS, local folder, artifact path or None)
-    CHECKPOINT = "checkpoint"  # (CHECKPOINT, local path, max MB to upload, else a tag)
+    CHECKPOINT = "checkpoint"  # (CHECKPOINT, local path, max MB to upload (else a tag), sidecar)
     ERROR = "error"  # (ERROR, text): the run's error tag
     ERROR_TEXT = "error_text"  # (ERROR_TEXT, text): error.txt
 
@@ -845,14 +845,22 @@ class MlflowTracker:
 
         One larger than ``tracking.checkpoint_artifact_max_mb`` (measured when it is
         uploaded) is not copied: its absolute location is recorded as the tag
-        ``xp.checkpoint_location`` instead.
+        ``xp.checkpoint_location`` instead. A single file's checksum sidecar
+        (``<name>.sha256``, :mod:`xp.checkpoint`) goes with it, so that a checkpoint
+        downloaded by ``resume=`` is verified as a local one is.
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
             TrackingError: the run could not be created.
         """
         local = _existing(path, "log_checkpoint")
-        request = (Request.CHECKPOINT, str(local), float(self.settings.checkpoint_artifact_max_mb))
+        sidecar = local.with_name(local.name + ".sha256")
+        request = (
+            Request.CHECKPOINT,
+            str(local),
+            float(self.settings.checkpoint_artifact_max_mb),
+            str(sidecar) if local.is_file() and sidecar.is_file() else None,
+        )
         self._enqueue(_Op(f"checkpoint {local}", request), "log_checkpoint")
 
     def close(self, status: str = "FINISHED", error: str | None = None) -> None:

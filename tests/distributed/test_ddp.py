@@ -64,6 +64,14 @@ def test_one_launch_is_one_run(form: str, workdir: Path, store) -> None:
         args.append("strategy.nproc_per_node=2")
     result = run_cli(workdir, *args, torchrun=form == "torchrun")
     assert result.returncode == 0, result.stderr[-3000:]
+    if form == "self-launched":
+        # The run's story, told once by rank 0: no warning of xp's or a library's per rank,
+        # no "MLflow run None" from rank 1, the schedule's note once.
+        noise = [line for line in result.stderr.splitlines() if " INFO xp: " not in line]
+        assert noise == [], result.stderr[-3000:]
+        said = [line.split(" INFO xp: ", 1)[1] for line in result.stderr.splitlines()]
+        assert len(said) == len(set(said)), result.stderr[-3000:]  # nothing twice (per rank)
+        assert "MLflow run None" not in result.stdout + result.stderr
 
     run_dirs = list((workdir / "outputs" / "ddp").iterdir())
     assert len(run_dirs) == 1

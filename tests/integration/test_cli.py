@@ -376,6 +376,10 @@ BAD_INPUTS = {
     "/etc/passwd to resume=": (["resume=/etc/passwd"], "neither a run directory"),
     "/etc/passwd to load_from=": (["load_from=/etc/passwd"], "not a checkpoint xp can load"),
     "/etc/passwd to export": (["export", "ckpt=/etc/passwd", "out=x.pt"], "/etc/passwd"),
+    "a text file to load_from=": (["load_from=notes.txt"], "not a checkpoint xp can load"),
+    "a folder to load_from=": (["load_from=somewhere"], "neither a run directory"),
+    "a text file to export": (["export", "ckpt=notes.txt", "out=x.pt"], "notes.txt"),
+    "a folder to export": (["export", "ckpt=somewhere", "out=x.pt"], "somewhere"),
     "an empty resume=": (["resume="], "resume= has no value"),
     "a port out of range": (["strategy=ddp", "strategy.master_port=99999"], "master_port=99999"),
     "a port out of range, self-launched": (

@@ -22,6 +22,8 @@ import pytest
 
 from tests.procs import parent, wait_gone
 
+pytestmark = pytest.mark.slow  # each test runs python -m xp
+
 ENDLESS = ["trainer.max_epochs=100000", "tracking=off", "checkpoint.interval_epochs=1"]
 
 

@@ -211,8 +211,19 @@ def test_resume_after_the_run_directory_is_gone(xp, workdir, store, straight) ->
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=120)
     run = the_run(store, "moved")
-    assert "checkpoints" in {a.path for a in store.list_artifacts(run.info.run_id)}
+    uploaded = [a.path for a in store.list_artifacts(run.info.run_id, "checkpoints")]
+    newest = max(p for p in uploaded if p.endswith(".pt"))
+    assert f"{newest}.sha256" in uploaded  # its checksum travels with it
     shutil.rmtree(run_dir)
+
+    # A checkpoint that changed in the artifact store is caught as a local one is.
+    artifact = Path(run.info.artifact_uri.removeprefix("file://")) / newest
+    good = artifact.read_bytes()
+    artifact.write_bytes(good[:-100] + bytes(b ^ 0xFF for b in good[-100:]))
+    refused = xp(f"resume={run.info.run_id}")
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert f"skipping checkpoint {Path(newest).name}" in refused.stderr
+    artifact.write_bytes(good)
 
     result = xp(f"resume={run.info.run_id}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -228,10 +239,28 @@ def test_extend_a_finished_run_and_record_the_override(xp, workdir, store) -> No
     run = the_run(store, "extend")
     assert run.info.status == "FINISHED"
     assert run.data.tags["xp.resume_overrides"] == "trainer.max_epochs=3"
+    # How the run started stays as it was recorded; the resume's own overrides are apart.
+    assert run.data.tags["xp.overrides"] == "trainer.max_epochs=2 experiment_name=extend"
     assert run.data.params["trainer.max_epochs"] == "2"  # params are not rewritten
     steps = [s for s, _ in history(store, run.info.run_id)]
     assert steps == sorted(set(steps)) and steps[-1] == 3 * 20 // 10 * 10
     assert len(history(store, run.info.run_id, "val/acc")) == 3
+
+
+def test_resume_with_one_process_of_a_run_of_two_trains_in_one(xp, workdir, store) -> None:
+    two = ["strategy=ddp", "strategy.nproc_per_node=2", "trainer.max_epochs=1"]
+    first = xp(*two, "experiment_name=fewer")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("finished; log_dir") == 2  # one line per rank
+    run = the_run(store, "fewer")
+    # strategy.nproc_per_node=1 equals the schema's default: applied all the same.
+    result = xp(f"resume={run.info.run_id}", "trainer.max_epochs=2", "strategy.nproc_per_node=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("finished; log_dir") == 1, result.stdout
+    assert "xp: rank 0/1 finished" in result.stdout
+    run = the_run(store, "fewer")
+    assert run.info.status == "FINISHED"
+    assert "strategy.nproc_per_node=1" in run.data.tags["xp.resume_overrides"]
 
 
 def test_extending_a_finished_run_restarts_its_schedule(xp, workdir, store) -> None:

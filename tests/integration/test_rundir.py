@@ -96,6 +96,34 @@ def test_a_reused_run_directory_is_refused_and_left_as_it_was(xp, workdir, store
     assert len(store.search_runs([experiment.experiment_id])) == 1
 
 
+def test_a_named_directory_of_a_run_killed_before_its_first_checkpoint_says_what_to_do(
+    xp, workdir
+) -> None:
+    run_dir = workdir / "somewhere" / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    endless = ["trainer.max_epochs=100000", "tracking=off", "checkpoint.interval_epochs=100000"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xp", *endless, f"hydra.run.dir={run_dir}"],
+        cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            if "epoch 1 step" in line:  # training: the lock is taken, no checkpoint yet
+                break
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=60)
+    assert not list((run_dir / "checkpoints").glob("step_*"))
+
+    again = xp(*SHORT, f"hydra.run.dir={run_dir}")
+    assert again.returncode == 1
+    (error,) = [line for line in again.stderr.splitlines() if "xp: error:" in line]
+    assert "stopped before its first checkpoint" in error and f"rm -r {run_dir}" in error
+    subprocess.run(["rm", "-r", str(run_dir)], check=True)  # the fix it names
+    assert xp(*SHORT, f"hydra.run.dir={run_dir}").returncode == 0
+
+
 def test_an_experiment_name_cannot_place_the_run_outside_outputs(xp, workdir) -> None:
     result = xp(*SHORT, "experiment_name=../../escaped")
     assert result.returncode == 1
