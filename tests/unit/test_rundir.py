@@ -35,12 +35,18 @@ def test_a_taken_timestamp_gives_way_to_the_next_free_name(tmp_path: Path, monke
 def test_a_named_directory_that_holds_a_run_is_refused_with_the_fixes(tmp_path: Path) -> None:
     path = tmp_path / "custom"
     (path / "checkpoints").mkdir(parents=True)
+    (path / "checkpoints" / "step_00000010.pt").write_bytes(b"weights")
     (path / "metrics.json").write_text("{}")
     with pytest.raises(RunDirError) as e:
         claim(path, named_by_timestamp=False)
     assert f"hydra.run.dir={path} already holds another run's files" in str(e.value)
     assert f"resume={path}" in str(e.value) and "new or empty directory" in str(e.value)
     assert sorted(p.name for p in path.iterdir()) == ["checkpoints", "metrics.json"]
+    (path / "checkpoints" / "step_00000010.pt").unlink()  # a run with nothing to resume
+    with pytest.raises(RunDirError) as e:
+        claim(path, named_by_timestamp=False)
+    assert "stopped before its first checkpoint" in str(e.value) and "resume=" not in str(e.value)
+    assert f"rm -r {path}" in str(e.value)
 
 
 def test_an_empty_named_directory_is_claimed(tmp_path: Path) -> None:
