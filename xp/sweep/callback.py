@@ -338,7 +338,7 @@ class SweepCallback(Callback):
             record.metrics = _metrics_file(record.run_dir)
         elif record.status != "SKIPPED" and error is not None:
             # A job that failed before its run existed gets a FAILED child run now. The runs
-            # of the others are read once, when the sweep ends (_runs_of_jobs).
+            # of the others are read once, when the sweep ends (runs._take_runs_of_jobs).
             record.run_id = _child_run_id(info, num, name, config, plan, error)
         if error is None and info.needs_number:
             if record.objective is None:
@@ -383,7 +383,7 @@ def _metrics_file(run_dir: str | None) -> dict[str, float]:
     """A run's ``metrics.json``: the record of a job's metrics only when tracking is off.
 
     With tracking on, MLflow is the record (the file can be overwritten by a later run in
-    the same directory): see :func:`_mlflow_metrics`.
+    the same directory): see :func:`xp.sweep.runs._mlflow_metrics`.
     """
     path = Path(run_dir) / "metrics.json" if run_dir else None
     if path is None or not path.is_file():
