@@ -5,7 +5,7 @@
 tuned one that batches the in-memory tensors by index slicing, as xp's ``EpochLoader``
 does. No MLflow: the loss is read (``.item()``) every 10 steps, as a loop that prints it.
 ``--framework fabric`` and ``--framework accelerate`` run the plain loop through Lightning
-Fabric or Hugging Face accelerate (``pip install xp[bench]``) on the CPU. ``--mlflow URI``
+Fabric or Hugging Face accelerate (``pip install -e ".[bench]"``) on the CPU. ``--mlflow URI``
 records it the way the MLflow docs show, in this process: a run with the arguments as
 params, ``train/loss`` every 10 steps (``log_metric``), the arguments as ``config.yaml``
 at the end (the start-up case's loop with MLflow, for memory).

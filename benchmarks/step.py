@@ -11,7 +11,7 @@ every 10 steps), xp with glibc's thresholds set by ``mallopt`` first
 plain one with a ``DataLoader``; on the tiny model also the tuned one that slices
 in-memory tensors; on the small model also the plain one with ``MALLOC_*`` variables).
 The tiny round also runs xp logging every step, and MLflow's own logging calls, for the
-logging case; where ``pip install xp[bench]`` installed them, both rounds also run the
+logging case; where ``pip install -e ".[bench]"`` installed them, both rounds also run the
 plain loop through Lightning Fabric and accelerate. Rounds are interleaved, and measured
 once for all the cases that read them.
 """
@@ -189,7 +189,7 @@ def measure_alloc_small(rounds: int, quick: bool) -> dict[str, list[float]]:
 def measure_anchor(framework: str, size: str, rounds: int, quick: bool) -> dict[str, list[float]]:
     """ms per step: xp and the plain loop through ``framework``."""
     if not _installed(framework):
-        raise Skipped(f"{ANCHORS[framework]} is not installed (pip install xp[bench])")
+        raise Skipped(f"{ANCHORS[framework]} is not installed (pip install -e ".[bench]")")
     return _pair(size, "xp", framework, rounds, quick)
 
 

@@ -125,6 +125,18 @@ def test_grid_is_one_parent_with_four_nested_children(grid, tmp_path: Path) -> N
     assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1", "2", "3"]
     assert {c.data.tags["xp.run_dir"] for c in children} == {str(p.resolve()) for p in jobs}
     assert all((p / "metrics.json").is_file() for p in jobs)
+    # A job's log is named by the sweep's timestamp (its folder's name), as its run is.
+    assert all([f.name for f in p.glob("*.log")] == [f"{sweep_dir.name}.log"] for p in jobs)
+    # Each child's MLflow times are its job's: it started before its first point was logged
+    # and after the job before it ended (not all at the sweep's launch), and it ended after
+    # its last point.
+    by_start = sorted(children, key=lambda c: c.info.start_time)
+    for before, child in zip([None, *by_start], by_start, strict=False):
+        points = store.get_metric_history(child.info.run_id, "train/loss")
+        assert child.info.start_time <= min(p.timestamp for p in points)
+        assert child.info.end_time >= max(p.timestamp for p in points)
+        if before is not None:
+            assert child.info.start_time >= before.info.end_time - 1000
 
     rows = summary_rows(store, parent.info.run_id, tmp_path)
     assert len(rows) == 4
