@@ -189,7 +189,7 @@ def measure_alloc_small(rounds: int, quick: bool) -> dict[str, list[float]]:
 def measure_anchor(framework: str, size: str, rounds: int, quick: bool) -> dict[str, list[float]]:
     """ms per step: xp and the plain loop through ``framework``."""
     if not _installed(framework):
-        raise Skipped(f"{ANCHORS[framework]} is not installed (pip install -e ".[bench]")")
+        raise Skipped(f"{ANCHORS[framework]} is not installed (pip install -e '.[bench]')")
     return _pair(size, "xp", framework, rounds, quick)
 
 
