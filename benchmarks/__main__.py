@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 from benchmarks import Skipped, callbacks, checkpoint, ddp, startup, step, sweep
 
 HERE = Path(__file__).resolve().parent
+MECHANISMS = HERE / "MECHANISMS.md"
+"""What each of xp's speed mechanisms buys (hand-written), appended to every table."""
 
 Results = dict[str, Any]
 """Per-round measurements: ``xp`` and ``baseline``, and whatever else a case's note reads."""
@@ -335,6 +337,7 @@ def main() -> None:
             *rows,
             "",
             *([*notes, ""] if notes else []),
+            *([MECHANISMS.read_text()] if MECHANISMS.is_file() else []),
         ]
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

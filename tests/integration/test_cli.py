@@ -77,7 +77,8 @@ def test_default_experiment_trains_and_is_tracked(xp, workdir: Path, store) -> N
     artifacts = {a.path for a in store.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "env.json", ".hydra", "checkpoints", f"{timestamp}.log"} <= artifacts
     uploaded = {a.path for a in store.list_artifacts(run.info.run_id, "checkpoints")}
-    assert uploaded == {f"checkpoints/{p.name}" for p in checkpoints}
+    # Each with its checksum, so that resume= from MLflow verifies what it downloads.
+    assert uploaded == {f"checkpoints/{p.name}{x}" for p in checkpoints for x in ("", ".sha256")}
     artifact_root = workdir / "outputs"
     assert any(artifact_root.rglob("env.json")), "artifacts must live under outputs/"
     assert not (workdir / "mlruns").exists()
