@@ -337,7 +337,7 @@ def main() -> None:
             *rows,
             "",
             *([*notes, ""] if notes else []),
-            *([MECHANISMS.read_text()] if MECHANISMS.is_file() else []),
+            *([MECHANISMS.read_text()] if MECHANISMS.is_file() and not args.quick else []),
         ]
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
