@@ -78,28 +78,15 @@ def _earlier_runs(uri: str, experiment_name: str, key: str) -> tuple[list[str], 
 
     One search by the tag :data:`SWEEP_KEY_TAG`, however many runs the experiment has.
     """
-    from mlflow.entities import ViewType
 
     try:
         client = _client(uri)
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
             return [], []
-        runs: list[Any] = []
-        token = None
-        while True:
-            page = client.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"tags.`{SWEEP_KEY_TAG}` = '{key}'",
-                run_view_type=ViewType.ACTIVE_ONLY,
-                order_by=["attributes.start_time DESC"],
-                max_results=1000,
-                page_token=token,
-            )
-            runs += list(page)
-            token = page.token
-            if not token:
-                break
+        runs = _search_all(
+            client, experiment.experiment_id, f"tags.`{SWEEP_KEY_TAG}` = '{key}'", "DESC"
+        )
     except Exception as e:
         _fail(
             f"could not read the earlier runs of this sweep from {uri}: "
@@ -209,26 +196,20 @@ def _take_runs_of_jobs(info: SweepInfo, records: Sequence[JobRecord]) -> None:
     job that ended does not ask MLflow for its run; its record was complete when it ended).
     """
     assert info.tracking_uri is not None
-    from mlflow.entities import ViewType
 
     try:
         client = _client(info.tracking_uri)
         experiment = client.get_experiment_by_name(info.experiment_name)
-        runs: list[Any] = []
-        token = None
-        while experiment is not None:
-            page = client.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"tags.`mlflow.parentRunId` = '{info.parent_run_id}'",
-                run_view_type=ViewType.ACTIVE_ONLY,
-                order_by=["attributes.start_time ASC"],
-                max_results=1000,
-                page_token=token,
+        runs = (
+            []
+            if experiment is None
+            else _search_all(
+                client,
+                experiment.experiment_id,
+                f"tags.`mlflow.parentRunId` = '{info.parent_run_id}'",
+                "ASC",
             )
-            runs += list(page)
-            token = page.token
-            if not token:
-                break
+        )
     except Exception as e:
         say(
             f"xp: could not read the jobs' runs from {info.tracking_uri}: "
@@ -284,3 +265,24 @@ def _close_parent(info: SweepInfo, records: Sequence[JobRecord], status: str) ->
         metrics.append(Metric(info.objective, best.objective, _now_ms(), 0))
     client.log_batch(run_id, metrics=metrics, tags=tags)
     client.set_terminated(run_id, status)
+
+
+def _search_all(client: Any, experiment_id: str, filter_string: str, order: str) -> list[Any]:
+    """Every active run of the experiment that matches, page by page, by start time."""
+    from mlflow.entities import ViewType
+
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=filter_string,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            order_by=[f"attributes.start_time {order}"],
+            max_results=1000,
+            page_token=token,
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
