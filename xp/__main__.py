@@ -64,8 +64,11 @@ def _prepare_environment() -> None:
         os.environ["XP_TIMESTAMP"] = time.strftime("%Y%m%d_%H%M%S")
     if not sys.stderr.isatty():
         # A log file, CI, Slurm: libraries that colour their lines (Optuna's colorlog
-        # handler does on any stream) write plain text. FORCE_COLOR=1 keeps colours.
+        # handler does on any stream) write plain text, FORCE_COLOR=1 keeps colours; and
+        # MLflow's artifact transfers (resume='s downloads, the writer's uploads) draw no
+        # tqdm bars, each redraw of which would be one more line. A value set wins.
         os.environ.setdefault("NO_COLOR", "1")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _rank() -> int:

@@ -14,7 +14,6 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from xp.checkpoint import (
     CheckpointCorrupt,
     Checkpointer,
     CheckpointError,
+    checksum_file,
     is_complete,
     verify,
 )
@@ -226,35 +226,18 @@ def _download_checkpoint(client: Any, run: Any, run_dir: Path) -> Path | None:
         return None
     target = run_dir / "checkpoints"
     target.mkdir(parents=True, exist_ok=True)
-    with _progress_bars_on_a_terminal(), tempfile.TemporaryDirectory(dir=target) as tmp:
+    with tempfile.TemporaryDirectory(dir=target) as tmp:
         local = Path(client.download_artifacts(run.info.run_id, f"checkpoints/{names[-1]}", tmp))
         final = target / local.name
         shutil.move(str(local), final)
         # Its checksum (a single file's sidecar): verified as a local checkpoint is.
-        _fetch(client, run.info.run_id, f"checkpoints/{final.name}.sha256", tmp, run_dir)
+        _fetch(client, run.info.run_id, f"checkpoints/{checksum_file(final).name}", tmp, run_dir)
         for name in _RUN_FILES:  # older runs may lack them; a checkpoint has run.json's facts
             _fetch(client, run.info.run_id, name, tmp, run_dir)
         _fetch(client, run.info.run_id, f"{_timestamp_of(run_dir, run)}.log", tmp, run_dir)
     if not is_complete(final):
         return None
     return _latest_in(run_dir)
-
-
-_PROGRESS_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-
-
-@contextlib.contextmanager
-def _progress_bars_on_a_terminal() -> Iterator[None]:
-    """MLflow's download progress bars (tqdm) only where stderr is a terminal: in a log
-    file every redraw is one more line. A value the user set is left as it is."""
-    if _PROGRESS_BARS in os.environ or sys.stderr.isatty():
-        yield
-        return
-    os.environ[_PROGRESS_BARS] = "false"
-    try:
-        yield
-    finally:
-        os.environ.pop(_PROGRESS_BARS, None)
 
 
 def _fetch(client: Any, run_id: str, name: str, tmp: str, run_dir: Path) -> None:

@@ -854,7 +854,7 @@ class MlflowTracker:
             TrackingError: the run could not be created.
         """
         local = _existing(path, "log_checkpoint")
-        sidecar = local.with_name(local.name + ".sha256")
+        sidecar = local.with_name(local.name + ".sha256")  # xp.checkpoint.checksum_file
         request = (
             Request.CHECKPOINT,
             str(local),
