@@ -1223,6 +1223,12 @@ class MlflowTracker:
         else:
             self._log.info("MLflow store %s takes writes again.", self.shown_uri)
 
+    def _writer_saw_store(self, up: bool, reason: str) -> None:
+        if up:  # a write went through: the stall watch counts from here, not the outage's start
+            self._last_progress = time.monotonic()
+            self._stalled = False
+        self._store_down_changed(up, reason)
+
     def _receive_loop(self) -> None:
         assert self._from_writer is not None
         try:
@@ -1243,7 +1249,7 @@ class MlflowTracker:
                         self._stalled = False
                         self._store_down_changed(True, "")
                 elif kind == FromWriter.STORE:
-                    self._store_down_changed(message[1], message[2])
+                    self._writer_saw_store(message[1], message[2])
                 elif kind == FromWriter.LOG:
                     self._log.log(message[1], "%s", redact_secrets(message[2]))
                 elif kind == FromWriter.READY:

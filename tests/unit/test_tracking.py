@@ -523,6 +523,27 @@ def test_system_metrics_are_recorded(
     assert "system/cpu_utilization_percentage" in metrics
 
 
+def test_an_outage_is_reported_once_when_the_store_comes_back_with_a_backlog(
+    tmp_path: Path, log: logging.Logger, caplog: pytest.LogCaptureFixture
+) -> None:
+    # CI saw a second warning for one outage: the writer said the store takes writes again,
+    # and the stall watch ran before the writer's progress message came, measured the
+    # whole outage as a stall, and warned anew. The stall watch counts from the recovery.
+    caplog.set_level(logging.INFO, logger=log.name)
+    tracker = make_tracker("sqlite:///unused.db", tmp_path, log)
+    tracker._ready.set()
+    tracker._sent_points = 5000  # the backlog the writer is still working through
+    tracker._busy_since = tracker._last_progress = time.monotonic() - 2 * tracking._STALL_WARN_S
+
+    tracker._writer_saw_store(False, "did not take metrics (connection refused)")
+    tracker._writer_saw_store(True, "")  # its first batch went through
+    tracker._watch_for_stall()  # before the writer's progress message arrives
+
+    assert caplog.text.count("training goes on") == 1
+    assert caplog.text.count("takes writes again") == 1
+    assert not tracker._store_down
+
+
 PASSWORD = "pw-s3cret-9f1"
 """In the tracking URIs of the server tests: it must never be printed."""
 
