@@ -297,6 +297,60 @@ def test_extending_a_finished_run_restarts_its_schedule(xp, workdir, store) -> N
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == before
 
 
+def test_extension_policies_stretch_and_hold_from_the_command_line(xp, workdir, store) -> None:
+    # warmup_cosine over 60 steps, then 40 more: `stretch` lays the cosine over 100 steps as
+    # if the run had been that long (the lr jumps up at once and decays to the new end);
+    # `hold` keeps it ended at lr 0, and the log says that every added step trains at 0.
+    for policy in ("stretch", "hold"):
+        name = f"extend_{policy}"
+        assert xp("trainer.max_epochs=3", f"experiment_name={name}").returncode == 0
+        run_id = the_run(store, name).info.run_id
+        result = xp(
+            f"resume={run_id}",
+            "trainer.max_epochs=5",
+            "trainer.log_interval_steps=5",
+            f"trainer.extend_schedule={policy}",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        line = "Extension: steps 61-100 (the run had 60 steps; "
+        line += f"trainer.extend_schedule={policy}): "
+        assert result.stderr.count(line) == 1, result.stderr
+        added = [lr for step, lr in history(store, run_id, "train/lr") if 60 < step < 100]
+        assert len(added) == 7
+        if policy == "stretch":
+            assert "trains at lr 0" not in result.stderr
+            assert all(0 < lr < 0.003 for lr in added), added  # under the base lr: mid-cosine
+            assert added == sorted(added, reverse=True)
+        else:
+            assert "WARNING xp: " + line in result.stderr
+            assert "Every added step trains at lr 0: set trainer.extend_schedule=restart" in (
+                result.stderr
+            )
+            assert added == [0.0] * 7
+        assert the_run(store, name).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_extending_a_distributed_run_restarts_its_schedule(
+    xp, workdir, store, strategy: str
+) -> None:
+    two = [f"strategy={strategy}", "strategy.nproc_per_node=2", f"experiment_name={strategy}"]
+    # 10 steps per epoch per rank: the warmup ends at step 50, the cosine at 60, at lr 0.
+    first = xp(*two, "trainer.max_epochs=6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_id = the_run(store, strategy).info.run_id
+    assert history(store, run_id, "train/lr")[-1] == (60, 0.0)
+    result = xp(*two, f"resume={run_id}", "trainer.max_epochs=10", "trainer.log_interval_steps=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("Extension: steps 61-100 (the run had 60 steps;") == 1  # rank 0
+    added = [lr for step, lr in history(store, run_id, "train/lr") if 60 < step < 100]
+    assert len(added) == 7 and all(lr > 0 for lr in added), added
+    assert added == sorted(added, reverse=True)
+    val_loss = dict(history(store, run_id, "val/loss"))
+    assert val_loss[100] < val_loss[60]
+    assert the_run(store, strategy).info.status == "FINISHED"
+
+
 def test_resume_auto_and_load_from(xp, workdir, store) -> None:
     proc = start(workdir, *RUN, "experiment_name=auto")
     wait_for_checkpoint(workdir, "auto", proc)
