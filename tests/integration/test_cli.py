@@ -182,9 +182,10 @@ def test_ctrl_c_marks_the_run_killed(workdir: Path, store) -> None:
 
 def test_git_commit_and_null_seed_are_recorded(xp, workdir: Path, store) -> None:
     subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
+    (workdir / "train.py").write_text("# the user's code\n")
+    subprocess.run(["git", "add", "train.py"], cwd=workdir, check=True)
     subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
-         "-m", "init"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init"],
         cwd=workdir, check=True,
     )  # fmt: skip
     commit = subprocess.run(
@@ -201,6 +202,18 @@ def test_git_commit_and_null_seed_are_recorded(xp, workdir: Path, store) -> None
     env = json.loads((log_dir / "env.json").read_text())
     assert env["runtime"]["randomness"]["seed_in_force"] == seed
     assert env["system"]["git_commit"] == commit
+    # What runs are filtered by in the UI: the code's state, torch, the device.
+    tags = run.data.tags
+    assert (tags["xp.git_commit"], tags["xp.git_dirty"]) == (commit, "false")
+    assert (tags["xp.torch"], tags["xp.device"]) == (torch.__version__, "cpu")
+    assert "xp.cuda" not in tags  # a CPU build: no CUDA version to record
+
+    # An uncommitted change to tracked code: the run says it does not match its commit.
+    (workdir / "train.py").write_text("# the user's code, changed\n")
+    result = xp("trainer.max_epochs=1", "experiment_name=dirty")
+    assert result.returncode == 0, result.stderr[-2000:]
+    tags = only_run(store, "dirty").data.tags
+    assert (tags["xp.git_commit"], tags["xp.git_dirty"]) == (commit, "true")
 
 
 def test_cfg_job_imports_neither_torch_nor_mlflow(workdir: Path) -> None:
