@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -27,12 +28,26 @@ from xp.log import say
 LAUNCHER_ENV = "XP_LAUNCHER_PID"
 """Set for the workers of xp's own launcher: the pid they live and die with."""
 
+RESULT_ENV = "XP_RESULT_FILE"
+"""Set for the workers of xp's own launcher: where rank 0 leaves the run's objective."""
 
-def run_workers(run_dir: Path, nproc: int, port: int | None, objective: str) -> float | None:
+
+def hand_back(objective: float | None) -> None:
+    """Rank 0 of xp's own workers: the objective this launch computed, for its launcher.
+
+    A file of this launch alone (never the run directory's ``metrics.json``, which a
+    resumed job's earlier attempt wrote): what a sweeper gets is what the run logged.
+    """
+    path = os.environ.get(RESULT_ENV)
+    if path and os.environ.get("RANK", "0") == "0":
+        Path(path).write_text(json.dumps(objective))
+
+
+def run_workers(run_dir: Path, nproc: int, port: int | None) -> float | None:
     """Start ``nproc`` workers of this same command; they train and write the run.
 
     Returns:
-        The run's ``objective`` from its final metrics (``metrics.json``), for sweepers.
+        The run's ``objective`` as rank 0 computed it (see :func:`hand_back`), for sweepers.
 
     Raises:
         SystemExit: bad settings (one error line), or the workers' failure status.
@@ -56,15 +71,23 @@ def run_workers(run_dir: Path, nproc: int, port: int | None, objective: str) -> 
         say(f"xp: error: {error}", file=sys.stderr)
         raise SystemExit(1)
     # A sweep's job gives its workers its own overrides and directory, not the whole sweep.
-    with worker_launch(run_dir, nproc) as argv:
-        status = launch_workers(nproc, port, argv)
-    if status != 0:
-        if holds_no_run(run_dir):
-            discard(run_dir)
-        raise SystemExit(status)
-    metrics_file = run_dir / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-    value = metrics.get(objective)
+    with tempfile.TemporaryDirectory(prefix="xp-result-") as handed:
+        result = Path(handed) / "objective.json"
+        previous = os.environ.get(RESULT_ENV)
+        os.environ[RESULT_ENV] = str(result)
+        try:
+            with worker_launch(run_dir, nproc) as argv:
+                status = launch_workers(nproc, port, argv)
+        finally:
+            if previous is None:
+                os.environ.pop(RESULT_ENV, None)
+            else:
+                os.environ[RESULT_ENV] = previous
+        if status != 0:
+            if holds_no_run(run_dir):
+                discard(run_dir)
+            raise SystemExit(status)
+        value = json.loads(result.read_text()) if result.exists() else None
     return None if value is None else float(value)
 
 

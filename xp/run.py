@@ -55,6 +55,14 @@ from xp.trainer import Trainer, TrainingStopped
 
 def run(cfg: DictConfig) -> float | None:
     """Train the composed experiment; returns ``trainer.objective`` for Hydra's sweepers."""
+    from xp.launch import hand_back
+
+    objective = _run(cfg)
+    hand_back(objective)  # a worker of xp's own launcher: to the process that started it
+    return objective
+
+
+def _run(cfg: DictConfig) -> float | None:
     from xp.sweep import plan_job
 
     started_ms = int(time.time() * 1000)
@@ -77,7 +85,6 @@ def run(cfg: DictConfig) -> float | None:
             log_dir,
             int(cfg.strategy.nproc_per_node),
             None if port is None else int(port),
-            str(cfg.trainer.objective),
         )
     if tested is not None:
         from xp.evaluate import evaluate

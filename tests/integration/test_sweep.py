@@ -337,6 +337,24 @@ def test_optuna_three_trials(xp, workdir: Path, store, tmp_path: Path) -> None:
     assert f"best_value: {max(accs):.6g}"[:16] in results
 
 
+def test_optuna_trials_of_two_workers_each_get_the_objective_they_logged(
+    xp, workdir: Path, store, tmp_path: Path
+) -> None:
+    # Each trial is a run of xp's own launcher: its rank 0 hands the objective it computed
+    # to the job's process, which gives it to Optuna. It is what MLflow holds for the run.
+    two = ("strategy=ddp", "strategy.nproc_per_node=2")
+    result = xp("-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", *two, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (parent,), children = sweep_runs(store)
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    logged = [c.data.metrics["val/acc"] for c in children]
+    results = (sweep_dirs(workdir)[0] / "optimization_results.yaml").read_text()
+    assert f"best_value: {max(logged)!r}" in results, (results, logged)
+    rows = summary_rows(store, parent.info.run_id, tmp_path)
+    shown = sorted(float(r["val/acc"]) for r in rows)  # the summary shows 6 digits
+    assert shown == pytest.approx(sorted(logged), abs=1e-6)
+
+
 def test_optuna_refuses_a_mismatched_direction_or_a_missing_objective(xp, workdir: Path) -> None:
     result = xp("-m", "hydra/sweeper=optuna", "trainer.objective=val/loss", *FAST)
     assert result.returncode == 1
