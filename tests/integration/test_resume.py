@@ -205,6 +205,41 @@ def test_a_directory_another_process_trains_in_is_not_trained_into(xp, workdir) 
         holder.wait()
 
 
+@pytest.mark.parametrize("spec", ["run-id", "auto"])
+def test_resume_passes_over_a_corrupt_newest_checkpoint(xp, workdir, store, straight, spec):
+    # A disk that filled up, a copy cut short, a flipped bit: resume takes the newest
+    # checkpoint that verifies, says which it skipped and why, and ends as if uninterrupted.
+    proc = start(workdir, *RUN, "experiment_name=corrupt")
+    run_dir = wait_for_checkpoint(workdir, "corrupt", proc)
+    deadline = time.monotonic() + 120
+    while len(list((run_dir / "checkpoints").glob("step_*.pt"))) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, "no second checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    *_, kept, newest = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    data = newest.read_bytes()
+    if spec == "auto":
+        newest.write_bytes(data[: len(data) // 2])  # cut short
+    else:
+        middle = len(data) // 2
+        newest.write_bytes(data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :])
+    run = the_run(store, "corrupt")
+
+    target = run.info.run_id if spec == "run-id" else "auto"
+    result = xp(f"resume={target}", "experiment_name=corrupt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reason = "truncated" if spec == "auto" else "checksum mismatch"
+    assert f"skipping checkpoint {newest.name}" in result.stderr and reason in result.stderr
+    assert f"using {kept.name}, the newest checkpoint that verifies" in result.stderr
+    run = the_run(store, "corrupt")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["xp.resumed_from"].endswith(kept.name)
+    expected_state, expected_history = straight()
+    assert_same(final_state(run_dir), expected_state)
+    assert history(store, run.info.run_id) == expected_history
+
+
 def test_resume_after_the_run_directory_is_gone(xp, workdir, store, straight) -> None:
     proc = start(workdir, *RUN, "experiment_name=moved")
     run_dir = wait_for_checkpoint(workdir, "moved", proc)
