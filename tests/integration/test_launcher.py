@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.procs import alive, children, wait_gone
+from tests.procs import alive, children, wait_gone, writer_pids
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +31,21 @@ def test_kill_9_of_the_launcher_stops_its_workers_and_the_run_resumes(workdir, s
         time.sleep(0.1)
     workers = children(launcher.pid)
     assert len(workers) == 2
+    deadline = time.monotonic() + 60
+    while not (writers := writer_pids(launcher.pid, descendants=True)):
+        assert time.monotonic() < deadline, "rank 0 started no MLflow writer"
+        time.sleep(0.1)
+    killed = time.monotonic()
     launcher.kill()
     launcher.wait()
     for pid in workers:
         wait_gone(pid, f"worker {pid} trains on after its launcher was killed", timeout_s=30)
-    assert not any(alive(pid) for pid in workers)
+    stopped_s = time.monotonic() - killed
+    for pid in writers:  # rank 0's writer marks the run KILLED, then goes too
+        wait_gone(pid, f"MLflow writer {pid} is left behind by the killed run", timeout_s=30)
+    assert not any(alive(pid) for pid in workers + writers)
+    # "Within seconds" (README): the workers poll their launcher each second, then save.
+    assert stopped_s < 10, f"the workers took {stopped_s:.1f} s to stop"
 
     experiment = store.get_experiment_by_name("orphans")
     (run,) = store.search_runs([experiment.experiment_id])
