@@ -37,7 +37,7 @@ A worker holds a lock on its run while it lives (``xp-mlflow-writer-<run id>.loc
 the temp directory, removed when it ends); a worker that re-opens the run (resume,
 test=) takes that lock first, so it reads what is stored only once a leftover worker of
 the same run has finished. Only a worker that is killed leaves its file behind; the next
-worker of that run removes it.
+worker (of any run) removes it.
 
 No text leaves this process unredacted (:func:`xp.tracking.redact_secrets`): its
 messages, and what mlflow prints to its stderr.
@@ -450,6 +450,7 @@ class _Writer:
                 continue
             if _same_file(handle, path):
                 self._run_lock, self._run_lock_path = handle, path
+                _remove_leftover_locks(path.parent, fcntl)
                 return
             handle.close()  # its holder removed it meanwhile: lock the new one
 
@@ -919,6 +920,27 @@ def _leave(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(code)
+
+
+def _remove_leftover_locks(folder: Path, fcntl: Any) -> None:
+    """Remove the lock files of killed writers (of any run): those nobody holds.
+
+    Each is removed while locked here, as its own writer would: a writer that opened it
+    meanwhile finds its file gone from disk and locks a new one (see ``_hold_run_lock``).
+    """
+    for path in folder.glob("xp-mlflow-writer-*.lock"):
+        try:
+            handle = open(path)  # noqa: SIM115
+        except OSError:
+            continue  # removed meanwhile, or not ours to read
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer holds it
+            if _same_file(handle, path):
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
 
 def _same_file(handle: IO[str], path: Path) -> bool:

@@ -117,6 +117,13 @@ def test_a_killed_writer_is_noticed_and_the_run_is_reported_incomplete_until_res
     assert history(client, tracker.run_id, "train/loss") == [(s, float(s)) for s in range(10)]
     assert client.get_run(tracker.run_id).info.status == "RUNNING"
     assert lock_files(temp_dir) == [f"xp-mlflow-writer-{tracker.run_id}.lock"]  # it was killed
+    # The next writer, of any run, removes what a killed one left: they do not pile up.
+    other = make_tracker(mlflow_uri, tmp_path, log)
+    other.start()
+    other.wait_ready(timeout=60)
+    assert lock_files(temp_dir) == [f"xp-mlflow-writer-{other.run_id}.lock"]
+    other.close()
+    assert lock_files(temp_dir) == []
 
     # What resume= does: re-open the run and replay the checkpoint's unstored points.
     again = make_tracker(mlflow_uri, tmp_path, log, run_id=tracker.run_id)
