@@ -54,17 +54,23 @@ def test_eight_launches_in_the_same_second_get_eight_run_directories(workdir, st
     assert sorted(r.info.run_name for r in runs) == [d.name for d in dirs]
 
 
-def test_distributed_launches_in_the_same_second_get_one_directory_each(workdir) -> None:
-    args = [*SHORT, "strategy=ddp", "strategy.nproc_per_node=2", "tracking=off"]
-    results = _launch_together(workdir, 4, *args, "experiment_name=ddp_race")
-    assert [r.returncode for r in results] == [0] * 4, [r.stderr[-2000:] for r in results]
+def test_distributed_launches_in_the_same_second_get_one_directory_each(workdir, store) -> None:
+    args = [*SHORT, "strategy=ddp", "strategy.nproc_per_node=2"]
+    results = _launch_together(workdir, 8, *args, "experiment_name=ddp_race")
+    assert [r.returncode for r in results] == [0] * 8, [r.stderr[-2000:] for r in results]
     dirs = sorted((workdir / "outputs" / "ddp_race").iterdir())
-    assert len(dirs) == 4
+    assert len(dirs) == 8
     finished = [line for r in results for line in r.stdout.splitlines() if "finished" in line]
     # Both ranks of a launch report the same directory, and no two launches share one.
     by_dir = Counter(line.split("log_dir ")[1].split(";")[0] for line in finished)
     assert sorted(by_dir) == [str(d) for d in dirs]
     assert set(by_dir.values()) == {2}
+    # One MLflow run per launch, of its two ranks, recording its own directory.
+    experiment = store.get_experiment_by_name("ddp_race")
+    runs = store.search_runs([experiment.experiment_id])
+    assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["xp.world_size"] for r in runs} == {"2"}
+    assert sorted(r.data.tags["xp.run_dir"] for r in runs) == [str(d) for d in dirs]
 
 
 def test_sweeps_launched_together_get_a_sweep_directory_each(workdir) -> None:
