@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.extras import missing_system
 from xp.dist import free_port
 
 pytestmark = pytest.mark.slow
@@ -138,11 +139,10 @@ def test_srun_tasks_on_two_nodes_without_a_shared_directory(
     assert not list(elsewhere.glob("outputs/default/*/*"))  # node 1 wrote nothing
 
 
-@pytest.mark.skipif(
-    shutil.which("mpirun") is None, reason="no mpirun (apt-get install openmpi-bin)"
-)
 def test_mpirun(workdir: Path, store: Any, tmp_path: Path) -> None:
     """Item 7: Open MPI's mpirun, which xp infers like torchrun and srun."""
+    if shutil.which("mpirun") is None:
+        missing_system("no mpirun (apt-get install openmpi-bin)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     argv = ["mpirun", "-np", "2", "--allow-run-as-root", sys.executable, "-m", "xp"]
     log = tmp_path / "mpirun.log"

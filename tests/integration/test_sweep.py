@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.extras import missing_system
+
 pytestmark = pytest.mark.slow
 
 FAST = ("trainer.max_steps=20", "tracking.flush_interval_s=0.2")
@@ -588,7 +590,7 @@ def test_sweep_against_a_server_through_rest_and_the_browser(
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("no Chromium installed (Debian: apt-get install chromium); REST checked")
+        missing_system("no Chromium installed (Debian: apt-get install chromium); REST checked")
     # Sorted by a metric, the runs table lists children flat (by date they fold under
     # their parent): the view a user picks to compare a sweep's jobs.
     order = urllib.parse.quote("metrics.`val/acc`", safe="")

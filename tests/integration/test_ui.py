@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.extras import missing_system
 from tests.procs import alive, children
 
 pytestmark = pytest.mark.slow
@@ -155,7 +156,7 @@ def test_the_address_it_prints_opens_on_the_runs_table(
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("no Chromium installed (Debian: apt-get install chromium)")
+        missing_system("no Chromium installed (Debian: apt-get install chromium)")
     browser = [
         chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
         "--no-first-run", "--disable-background-networking", "--disable-component-update",

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from tests.extras import STRICT_ENV, installed
+from tests.extras import installed, missing_system
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = Path(__file__).parent / "conf"
@@ -91,31 +91,24 @@ class Postgres:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{db}"
 
 
-def _missing(reason: str) -> None:
-    """Skip for want of PostgreSQL; under .ci/run's XP_TEST_ALL_EXTRAS=1, fail instead."""
-    if os.environ.get(STRICT_ENV) == "1":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     """One PostgreSQL cluster for the session, on 127.0.0.1 at a free port."""
     bindir = _postgres_bindir()
     if bindir is None:
-        _missing(
+        missing_system(
             "PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin); "
             "apt-get install postgresql (.ci/run does)"
         )
     assert bindir is not None
     if not installed("psycopg"):
-        _missing("the PostgreSQL driver psycopg is missing: pip install -e '.[test]'")
+        missing_system("the PostgreSQL driver psycopg is missing: pip install -e '.[test]'")
     as_user: list[str] = []
     if os.geteuid() == 0:  # initdb refuses to run as root
         try:
             pwd.getpwnam("postgres")
         except KeyError:
-            _missing("running as root without a 'postgres' user to run PostgreSQL as")
+            missing_system("running as root without a 'postgres' user to run PostgreSQL as")
         as_user = ["runuser", "-u", "postgres", "--"]
     # /tmp: a TMPDIR of root's own (mode 700) would keep the postgres user out.
     root = Path(tempfile.mkdtemp(prefix="xp-postgres-", dir="/tmp" if as_user else None))
@@ -257,7 +250,7 @@ def mlflow_server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) 
     """``mlflow server --app-name basic-auth`` on PostgreSQL, artifacts served by it; the
     user alice created through its API."""
     if not installed("flask_wtf"):
-        _missing("MLflow's basic-auth app needs Flask-WTF: pip install -e '.[test]'")
+        missing_system("MLflow's basic-auth app needs Flask-WTF: pip install -e '.[test]'")
     root = tmp_path_factory.mktemp("mlflow-server")
     backend = postgres.createdb("mlflow")
     auth_ini = root / "basic_auth.ini"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.extras import missing_system
 from tests.integration.conftest import store, workdir
 
 # The jobs' working directory and MLflow store: those of the CLI tests (tests/integration).
@@ -34,14 +35,14 @@ def slurm() -> Iterator[dict[str, str]]:
     environment its commands need (``SLURM_CONF``)."""
     daemon = shutil.which("slurmctld", path="/usr/sbin:/usr/bin")
     if shutil.which("sbatch") is None or daemon is None:
-        pytest.skip(f"Slurm is not installed: {INSTALL}")
+        missing_system(f"Slurm is not installed: {INSTALL}")
     if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster runs its daemons as root; run the tests as root")
+        missing_system("the local Slurm cluster runs its daemons as root; run the tests as root")
     result = subprocess.run(
         [str(CLUSTER), "start"], capture_output=True, text=True, timeout=120, check=False
     )
     if result.returncode != 0:
-        pytest.skip(f"the local Slurm cluster did not start: {result.stderr.strip()}")
+        missing_system(f"the local Slurm cluster did not start: {result.stderr.strip()}")
     values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
     started = values.get("STARTED", "").split()
     yield {"SLURM_CONF": values["SLURM_CONF"]}
