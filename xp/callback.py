@@ -54,6 +54,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -640,15 +641,16 @@ class ProgressBar(Callback):
 class ProgressLog(Callback):
     """xp's progress where stderr is not a terminal (a log file, CI, Slurm, ``nohup``):
     a plain line in the run's log every ``every_s`` seconds (``trainer.progress_interval_s``),
-    as Lightning and the Hugging Face Trainer print in logs, where a bar would be one
-    endless line::
+    steady in time whatever the steps take, as Lightning and the Hugging Face Trainer print
+    in logs, where a bar would be one endless line::
 
         step 120/400 (30%) epoch 7/20 loss 0.1234 lr 0.001 41.2 step/s ETA 0:00:07
+        step 400/400 (100%) epoch 20/20 validation for 0:01:30
 
-    Written at the first log step (``trainer.log_interval_steps``) after ``every_s`` have
-    passed, with that step's logged metrics; epochs count from 1, as the log counts them;
-    step/s and the ETA are over the steps since the previous line. It leaves the per-step
-    event alone, so a step pays nothing for it.
+    A thread of its own writes the lines, so a slow step, a long validation or a checkpoint
+    being saved still gets them; the metrics shown are the last logged ones
+    (``trainer.log_interval_steps``), epochs count from 1 as the log counts them, step/s and
+    the ETA are over the steps since the previous line. A step pays nothing for it.
 
     Args:
         every_s: Seconds between two lines (> 0).
@@ -663,27 +665,65 @@ class ProgressLog(Callback):
         self.every_s = float(every_s)
         self._last = (0.0, 0)
         """(time, step) of the last line, or of the fit's start."""
+        self._shown = ""
+        """The last logged training metrics, as the line shows them."""
+        self._evaluating: tuple[str, float] | None = None
+        """(split, since when) while an evaluation runs."""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self._last = (time.perf_counter(), trainer.progress.step)
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._every_interval, args=(trainer,), name="xp-progress-log", daemon=True
+        )
+        self._thread.start()
 
     def on_train_log(self, trainer: Trainer, step: int, metrics: Mapping[str, Any]) -> None:
+        self._shown = _shown(metrics)
+
+    def on_evaluate_start(self, trainer: Trainer, split: str) -> None:
+        self._evaluating = (split, time.perf_counter())
+
+    def on_evaluate_end(self, trainer: Trainer, split: str) -> None:
+        self._evaluating = None
+
+    def on_fit_end(self, trainer: Trainer, status: str) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _every_interval(self, trainer: Trainer) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self._write(trainer)
+            except Exception:  # a progress line never stops a run
+                trainer.strategy.logger.debug("progress line failed", exc_info=True)
+
+    def _write(self, trainer: Trainer) -> None:
         now = time.perf_counter()
+        step = trainer.progress.step
         then, then_step = self._last
-        if now - then < self.every_s:
-            return
         length = trainer.length
         total = length.total_steps
+        per_epoch = max(1, length.epoch_length)
+        head = (
+            f"step {step}/{total} ({100 * step // max(1, total)}%) "
+            f"epoch {max(1, math.ceil(step / per_epoch))}/{math.ceil(total / per_epoch)}"
+        )
+        evaluating = self._evaluating
+        if evaluating is not None:
+            split, since = evaluating
+            what = "validation" if split == "val" else split
+            trainer.strategy.logger.info("%s %s for %s", head, what, _duration(now - since))
+            return
         rate = (step - then_step) / max(1e-9, now - then)
-        shown = _shown(metrics)
         trainer.strategy.logger.info(
-            "step %d/%d (%d%%) epoch %d/%d %s%.1f step/s ETA %s",
-            step,
-            total,
-            100 * step // max(1, total),
-            trainer.progress.epoch + 1,
-            math.ceil(total / max(1, length.epoch_length)),
-            f"{shown} " if shown else "",
+            "%s %s%.1f step/s ETA %s",
+            head,
+            f"{self._shown} " if self._shown else "",
             rate,
             _duration((total - step) / rate) if rate > 0 else "?",
         )

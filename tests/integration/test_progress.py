@@ -121,6 +121,29 @@ def test_without_a_terminal_a_run_logs_progress_lines(xp, workdir: Path, store) 
     assert [(m.step, m.value) for m in epochs][-2:] == [(50, 3.0), (60, 3.0)]
 
 
+def test_progress_lines_are_steady_in_time_not_tied_to_log_steps(xp, workdir: Path) -> None:
+    """No log step in the whole run (trainer.log_interval_steps beyond its end): the lines
+    still come every interval, from their own thread, with what is known (no metrics yet)."""
+    result = xp(
+        "trainer.max_epochs=100",
+        "trainer.log_interval_steps=100000",
+        "trainer.progress_interval_s=0.1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    progress = re.compile(
+        r" INFO xp: step (\d+)/2000 \(\d+%\) epoch (\d+)/100 "
+        r"(?:\d+\.\d step/s ETA (?:\d+:\d\d:\d\d|\?)|validation for \d+:\d\d:\d\d)$"
+    )
+    lines = [line for line in result.stderr.splitlines() if " INFO xp: step " in line]
+    assert len(lines) >= 3, result.stderr  # 2000 steps take well over 0.3 s
+    for line in lines:
+        match = progress.search(line)
+        assert match, line
+        step, epoch = int(match.group(1)), int(match.group(2))
+        assert epoch == max(1, -(-step // 20)), line  # the epoch that step belongs to
+    assert "loss" not in "".join(lines)  # nothing logged: no metrics to show
+
+
 def test_resume_downloads_print_no_progress_bars_into_logs(xp, workdir: Path, store) -> None:
     """resume= of a run whose directory is gone fetches it from MLflow's artifacts; in a log
     (stderr not a terminal) MLflow's download bars would be lines of tqdm noise."""
