@@ -672,6 +672,42 @@ def test_server_restart_mid_run_loses_nothing(
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_server_down_at_start_then_up_mid_run_gets_the_whole_run(
+    mlflow_uri: str, tmp_path: Path, log: logging.Logger, caplog: pytest.LogCaptureFixture
+) -> None:
+    # tracking.server_down_at_start=buffer (the default): training starts at once; the run
+    # is created when the server answers, with the time it really started, and gets every
+    # point logged meanwhile.
+    caplog.set_level(logging.INFO, logger=log.name)
+    port = free_port()
+    started_ms = int(time.time() * 1000)
+    tracker = make_tracker(f"http://127.0.0.1:{port}", tmp_path, log, artifact_location=None)
+    tracker.start()
+    assert "does not answer as the run starts" in caplog.text
+    for step in range(50):
+        tracker.log_metrics({"train/loss": float(step)}, step=step)
+    time.sleep(1.0)  # the run trains on while nobody answers
+    with mlflow_server(mlflow_uri, tmp_path, port=port) as (uri, _):
+        for step in range(50, 100):
+            tracker.log_metrics({"train/loss": float(step)}, step=step)
+        deadline = time.monotonic() + 60
+        while tracker.written_through_step < 99:
+            assert time.monotonic() < deadline, "the points did not arrive once it answered"
+            time.sleep(0.05)
+        run_id = tracker.run_id
+        tracker.close()
+        run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    # Created late, it starts when the run did, not when the server came up.
+    assert started_ms <= run.info.start_time <= started_ms + 1000
+    assert history(MlflowClient(mlflow_uri), run_id, "train/loss") == [
+        (s, float(s)) for s in range(100)
+    ]
+    assert caplog.text.count("training goes on") == 1
+    assert "takes writes again" in caplog.text
+
+
 class mlflow_server:
     """``mlflow server`` on a free local port over ``backend_uri``; killed on exit."""
 
