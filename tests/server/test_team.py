@@ -177,6 +177,7 @@ def test_fsdp_resume_on_another_machine(team: Server, tmp_path: Path) -> None:
     stop_after_first_checkpoint(a, "sharded", *fsdp, env=env)
     run = only_run(team, "sharded")
     assert run.info.status == "KILLED"
+    first_dir = run.data.tags["xp.run_dir"]
     shutil.rmtree(a)
 
     result = run_xp(b, f"resume={run.info.run_id}", env=env)
@@ -185,9 +186,16 @@ def test_fsdp_resume_on_another_machine(team: Server, tmp_path: Path) -> None:
     assert run.info.status == "FINISHED"
     here = run_dir_of(b, "sharded")
     assert run.data.tags["xp.run_dir"] == str(here)
+    history = run.data.tags["xp.run_dir_history"].splitlines()
+    assert [entry.split(":", 1)[1] for entry in history] == [first_dir, str(here)]
     assert run.data.tags["xp.world_size"] == "2"
     assert (here / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE").is_file()
-    assert [s for s, _ in losses(team, run.info.run_id)] == list(range(1, STEPS + 1))
+    # Bit-exact: every logged loss is the one an uninterrupted run of the same config logs.
+    straight = run_xp(tmp_path / "C", *fsdp, "experiment_name=sharded_straight", env=env)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    expected = losses(team, only_run(team, "sharded_straight").info.run_id)
+    assert losses(team, run.info.run_id) == expected
+    assert [s for s, _ in expected] == list(range(1, STEPS + 1))
 
 
 def test_load_from_and_test_on_another_machine(team: Server, reference, tmp_path: Path) -> None:
