@@ -45,8 +45,13 @@ ADMIN = ("admin", "xp-admin-" + secrets.token_hex(6))
 USER = "alice"
 PASSWORD = "xp-pass-" + secrets.token_hex(8)
 """alice's password: tests grep every record of a run for it."""
-SECRET_ENV = {"XP_TEST_API_TOKEN": "xp-token-" + secrets.token_hex(8)}
-"""A secret-named variable in the runs' environment: never recorded either."""
+SECRET_ENV = {
+    "XP_TEST_API_TOKEN": "xp-token-" + secrets.token_hex(8),
+    "XP_TEST_CLIENT_SECRET": "xp-secret-" + secrets.token_hex(8),
+    "XP_TEST_SIGNING_KEY": "xp-key-" + secrets.token_hex(8),
+}
+"""Secret-named variables (TOKEN, SECRET, KEY) in the runs' environment: never recorded
+either."""
 
 
 def free_port() -> int:

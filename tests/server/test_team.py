@@ -68,7 +68,10 @@ def reference(mlflow_server: Server, tmp_path_factory: pytest.TempPathFactory):
     if mlflow_server.server.process is None:
         mlflow_server.server.start()
     home = tmp_path_factory.mktemp("colleague")
-    result = run_xp(home, *RUN, "experiment_name=team", env=xp_env(mlflow_server))
+    # The config takes the secrets from the environment, as a user's data or API key may:
+    # they must still be recorded nowhere (assert_no_secrets).
+    secrets = [f"+tags.{name.lower()}=${{oc.env:{name}}}" for name in SECRET_ENV]
+    result = run_xp(home, *RUN, *secrets, "experiment_name=team", env=xp_env(mlflow_server))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return home, result, only_run(mlflow_server, "team")
 
@@ -97,6 +100,8 @@ def test_a_run_lands_in_the_server(team: Server, reference, tmp_path: Path) -> N
     assert run.data.tags["xp.run_dir"] == str(run_dir)
     assert [step for step, _ in losses(team, run.info.run_id)] == list(range(1, STEPS + 1))
     assert "val/acc" in run.data.metrics
+    for name in SECRET_ENV:  # the config held them: recorded as ***, and nowhere in clear
+        assert run.data.params[f"tags.{name.lower()}"] == "***"
 
     # Artifacts are the server's: proxied (mlflow-artifacts:/), kept in its destination,
     # and a colleague reads them through its REST API, not from anyone's disk.
