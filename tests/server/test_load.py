@@ -71,7 +71,12 @@ def run_at_once(uri: str, n: int, tmp_path: Path, caplog: pytest.LogCaptureFixtu
     return [t.run_id for t in trackers]
 
 
-def assert_complete(client, run_ids: list[str], caplog: pytest.LogCaptureFixture) -> None:
+def assert_complete(
+    client,
+    run_ids: list[str],
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     for run_id in run_ids:
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
@@ -84,24 +89,35 @@ def assert_complete(client, run_ids: list[str], caplog: pytest.LogCaptureFixture
             ), (run_id, key)
     said = caplog.text.lower()
     assert "locked" not in said and "did not take" not in said, caplog.text
+    # What the writer processes themselves printed (they share this process's stderr).
+    out, err = capfd.readouterr()
+    printed = (out + err).lower()
+    assert "locked" not in printed and "traceback" not in printed, out + err
 
 
 def test_eight_runs_at_once_on_the_server(
-    team: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    team: Server,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for name, value in {**team.env, **SECRET_ENV}.items():
         monkeypatch.setenv(name, value)
     run_ids = run_at_once(team.uri, 8, tmp_path, caplog)
     assert len(set(run_ids)) == 8
-    assert_complete(team.client(), run_ids, caplog)
+    assert_complete(team.client(), run_ids, caplog, capfd)
 
 
 def test_four_runs_at_once_on_sqlite(
-    mlflow_uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    mlflow_uri: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     """The default store (outputs/mlflow.db): SQLite takes one writer at a time."""
     from mlflow import MlflowClient
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     run_ids = run_at_once(mlflow_uri, 4, tmp_path, caplog)
-    assert_complete(MlflowClient(mlflow_uri), run_ids, caplog)
+    assert_complete(MlflowClient(mlflow_uri), run_ids, caplog, capfd)
