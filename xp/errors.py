@@ -16,10 +16,16 @@ INCOMPLETE_RECORD_EXIT = 3
 incomplete (the store or the writer failed): ``resume=<run id>`` completes it."""
 
 
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is a config or input error, told in one ``xp: error:`` line by
+    :func:`exit_on_user_error`."""
+    return isinstance(error, USER_ERRORS) and not os.environ.get("HYDRA_FULL_ERROR")
+
+
 def exit_on_user_error(error: BaseException) -> None:
     """A config or input error is one ``xp: error:`` line and exit status 1, no traceback
     (``HYDRA_FULL_ERROR=1`` shows it)."""
-    if isinstance(error, USER_ERRORS) and not os.environ.get("HYDRA_FULL_ERROR"):
+    if is_user_error(error):
         say(f"xp: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
 

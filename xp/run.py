@@ -29,7 +29,7 @@ from xp.build import Built, build, build_tracker, build_trainer
 from xp.checkpoint import Checkpointer
 from xp.config import Launcher, TrackingConfig
 from xp.dist import dist_info, infer_launcher
-from xp.errors import INCOMPLETE_RECORD_EXIT, exit_on_user_error
+from xp.errors import INCOMPLETE_RECORD_EXIT, exit_on_user_error, is_user_error
 from xp.log import close_logger, say
 from xp.restore import plain, restore_config
 from xp.resume import (
@@ -297,7 +297,9 @@ class _Life:
             if isinstance(error, KeyboardInterrupt):
                 self._record_end("KILLED", "Interrupted (Ctrl-C).")
             elif error is not None and not isinstance(error, SystemExit):
-                self._record_end("FAILED", "".join(traceback.format_exception(error)))
+                # Before training, bad input is its one `xp: error:` line, said once.
+                told = not self.started and is_user_error(error)
+                self._record_end("FAILED", "".join(traceback.format_exception(error)), told)
                 if not self.started:
                     discard(self.log_dir)
                 exit_on_user_error(error)
@@ -310,11 +312,12 @@ class _Life:
             if self.lock is not None:
                 self.lock.release()
 
-    def _record_end(self, status: str, error: str) -> None:
-        """The log line, and the MLflow run ended ``status`` with ``error`` (a KILLED run's
-        newest checkpoint and config go along: it is resumed later, maybe elsewhere)."""
+    def _record_end(self, status: str, error: str, told: bool = False) -> None:
+        """The log line (unless the error is ``told`` apart), and the MLflow run ended
+        ``status`` with ``error`` (a KILLED run's newest checkpoint and config go along: it
+        is resumed later, maybe elsewhere)."""
         strategy, tracker = self.strategy, self.tracker
-        if strategy is not None:
+        if strategy is not None and not told:
             last = error.strip().splitlines()[-1] if error.strip() else status
             strategy.logger.error("Run %s: %s", status, last)
         if tracker is None:

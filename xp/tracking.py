@@ -705,6 +705,13 @@ class MlflowTracker:
         if self._process is not None:
             raise RuntimeError("MlflowTracker.start() was already called; call it once per run.")
         env = dict(os.environ)
+        unwritable = _sqlite_unwritable(self.tracking_uri)
+        if unwritable:
+            raise TrackingError(
+                f"The MLflow store {self.shown_uri} cannot be written: {unwritable}. HINT: "
+                "make it writable, point tracking.tracking_uri (or $MLFLOW_TRACKING_URI) at "
+                "another store, or run with tracking=off."
+            )
         if _is_http(self.tracking_uri):
             self._check_server()
             for name, value in _HTTP_RETRY_ENV.items():
@@ -1326,6 +1333,23 @@ class _WriterError(RuntimeError):
 
 def _is_http(uri: str) -> bool:
     return uri.lower().startswith(("http://", "https://"))
+
+
+def _sqlite_unwritable(uri: str) -> str | None:
+    """Why a SQLite store's file cannot take writes (read-only, or a folder SQLite cannot
+    write its journal into), or None. Checked before training: MLflow would fail only when
+    it creates the run, in the writer, after steps that then are recorded nowhere."""
+    if not uri.lower().startswith("sqlite:///"):
+        return None
+    database = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    folder = database.absolute().parent
+    if not folder.is_dir():
+        return f"its folder {folder} does not exist (mkdir -p {folder})"
+    if database.exists() and not os.access(database, os.W_OK):
+        return f"{database} is read-only (chmod u+w {database})"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"its folder {folder} is read-only, and SQLite writes its journal there"
+    return None
 
 
 def _check_server(uri: str) -> None:

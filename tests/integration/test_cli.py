@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -127,7 +129,55 @@ def test_unreachable_mlflow_server_fails_before_training(xp, workdir: Path) -> N
     assert f"xp: error: tracking_uri='{uri}': the MLflow server does not answer" in result.stderr
     assert "tracking.server_down_at_start=stop" in result.stderr
     assert "mlflow server --host 127.0.0.1" in result.stderr
+    assert result.stderr.count("does not answer") == 1  # one line, not a log line beside it
     assert run_dirs(workdir) == []
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """``path`` read-only, as a user sees it: mode 0o555/0o444, and for root (whom modes do
+    not stop) the immutable attribute."""
+    mode = path.stat().st_mode
+    path.chmod(0o555 if path.is_dir() else 0o444)
+    immutable = False
+    try:
+        if os.geteuid() == 0:
+            done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False)
+            if done.returncode != 0:
+                pytest.skip(f"root, and chattr +i fails here: {done.stderr.decode().strip()}")
+            immutable = True
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(mode)
+
+
+def test_a_store_that_cannot_be_written_fails_before_training(xp, workdir: Path, store) -> None:
+    # MLflow would fail only when it creates the run, in the writer, after the steps.
+    assert xp("trainer.max_epochs=1").returncode == 0
+    database = workdir / "outputs" / "mlflow.db"
+    elsewhere = workdir / "stores"
+    elsewhere.mkdir()
+    cases = [
+        (database, [], f"{database} is read-only (chmod u+w {database})"),
+        (elsewhere, [f"tracking.tracking_uri=sqlite:///{elsewhere}/mlflow.db"],
+         f"its folder {elsewhere} is read-only, and SQLite writes its journal there"),
+        (None, [f"tracking.tracking_uri=sqlite:///{workdir}/missing/mlflow.db"],
+         f"its folder {workdir}/missing does not exist (mkdir -p {workdir}/missing)"),
+    ]  # fmt: skip
+    for path, args, reason in cases:
+        with read_only(path) if path else contextlib.nullcontext():
+            result = xp("trainer.max_epochs=1", *args)
+        assert result.returncode == 1, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and errors[0].startswith("xp: error: The MLflow store "), errors
+        assert reason in errors[0] and "tracking=off" in errors[0], errors[0]
+        assert "Traceback" not in result.stderr and "Epoch" not in result.stderr
+        assert " step 20:" not in result.stderr  # nothing trained
+    assert len(run_dirs(workdir)) == 1  # the first run's; none left by the refused ones
+    assert only_run(store).info.status == "FINISHED"
+    assert not (workdir / "missing").exists() and list(elsewhere.iterdir()) == []
 
 
 def test_failure_during_training_marks_the_run_failed(xp, workdir: Path, store) -> None:
