@@ -398,3 +398,59 @@ def test_a_job_takes_its_config_as_the_sweep_composed_it_and_never_an_unsigned_f
         path.write_bytes(forged)
         assert store.take(["optim.lr=0.1"]) is None
         assert not marker.exists()
+
+
+_COMPOSE_BOTH_WAYS = """
+import json, os, sys, tempfile
+from pathlib import Path
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+import xp.sweep.callback as callback
+from xp.__main__ import CONF_DIR
+from xp.config import register_schemas
+from xp.rundir import register_resolvers
+
+register_resolvers()
+register_schemas()
+jobs = json.loads(sys.argv[1])
+with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    loader = GlobalHydra.instance().config_loader()
+    master = loader.load_configuration("config", ["hydra.sweep.dir=sweep"], RunMode.MULTIRUN)
+    callback._compose_each_job_once(None)  # Hydra's own composition, every job in full
+    fresh = [OmegaConf.to_yaml(loader.load_sweep_config(master, job)) for job in jobs]
+    store = callback._ComposedConfigs(Path(tempfile.mkdtemp()), os.urandom(32))
+    callback._compose_each_job_once(store)  # a sweep's: each choice of groups composed once
+    kept = [OmegaConf.to_yaml(loader.load_sweep_config(master, job)) for job in jobs]
+    print(json.dumps({"fresh": fresh, "kept": kept, "reused": len(callback._KEPT_CONFIGS)}))
+"""
+
+
+def test_a_sweep_composes_each_choice_of_groups_once_and_each_job_as_hydra_would() -> None:
+    """The jobs' configs from the sweep's kept compositions equal Hydra's own, job by job:
+    value overrides, added and list values, group choices that come back, a dict value."""
+    jobs = [
+        ["optim=adamw", "optim.lr=0.001"],
+        ["optim=adamw", "optim.lr=0.003", "model.hidden_sizes=[64]"],
+        ["optim=sgd", "optim.lr=0.001", "+tags.note=a"],
+        ["optim=adamw", "optim.lr=0.002"],
+        ["optim=sgd", "optim.lr=0.003", "trainer.max_steps=7"],
+        ["optim=adamw", "optim={lr: 0.5}"],
+        ["optim=adamw", "scheduler=constant", "optim.lr=0.004"],
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPOSE_BOTH_WAYS, json.dumps(jobs)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for job, fresh, kept in zip(jobs, out["fresh"], out["kept"], strict=True):
+        assert kept == fresh, job
+    assert out["reused"] == 3  # adamw, sgd, adamw+constant: merged once each
+    import yaml
+
+    kept = [yaml.safe_load(text) for text in out["kept"]]
+    assert kept[5]["optim"]["lr"] == 0.5 and kept[1]["model"]["hidden_sizes"] == [64]
+    assert kept[3]["optim"]["lr"] == 0.002 and kept[3]["model"]["hidden_sizes"] == [128, 128]
+    assert kept[2]["tags"] == {"note": "a"} and not kept[4].get("tags")
