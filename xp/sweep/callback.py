@@ -622,7 +622,7 @@ def _compose_each_choice_once() -> None:
         return config
 
     create_defaults_list._xp_kept = True  # type: ignore[attr-defined]
-    loader.create_defaults_list = create_defaults_list  # type: ignore[assignment]
+    loader.create_defaults_list = create_defaults_list
     loader.ConfigLoaderImpl._compose_config_from_defaults_list = (  # type: ignore[method-assign]
         compose_config_from_defaults_list
     )
