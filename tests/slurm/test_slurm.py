@@ -191,6 +191,7 @@ def test_preempted_and_requeued_job_resumes_its_run_bit_exact(
     assert run.info.status == "FINISHED"
     assert list(runs.iterdir()) == [run_dir]
     assert run.data.tags["xp.slurm_job_id"] == job
+    assert run.data.tags["xp.world_size"] == "2"  # srun's 2 tasks are the 2 ranks
     assert json.loads((run_dir / "env.json").read_text())["runtime"]["slurm_job_id"] == job
     expected = final_state(reference["run_dirs"][0])
     actual = final_state(run_dir)
