@@ -8,8 +8,9 @@ wrong in config fails here, before any MLflow run exists.
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from xp.callback import Callback, build_callbacks
 from xp.checkpoint import Checkpointer
@@ -289,11 +290,36 @@ def build(cfg: DictConfig, log_dir: Path, timestamp: str | None = None) -> Built
             callbacks=build_callbacks(cfg.get("callbacks")),
             # What is saved (config.yaml, every checkpoint) holds no password: a tracking
             # URI's is the command's to give again (resume= keeps the command's tracking).
-            config_yaml=redact_secrets(OmegaConf.to_yaml(cfg, resolve=True)),
+            config_yaml=redacted_yaml(cfg),
         )
     except BaseException:
         strategy.teardown()
         raise
+
+
+def redacted_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML without a URI's password or a secret's value: a value
+    that was a secret reads ``'***'`` (a string, so the file stays YAML that loads)."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    if redact_secrets(text) == text:
+        return text
+    resolved = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(resolved, False)
+    OmegaConf.resolve(resolved)
+    _redact_strings_in(resolved)
+    return OmegaConf.to_yaml(resolved)
+
+
+def _redact_strings_in(node: DictConfig | ListConfig) -> None:
+    keys: Iterable[Any] = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in list(keys):
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)):
+            _redact_strings_in(child)
+            continue
+        value = child._value() if child is not None else None
+        if isinstance(value, str) and redact_secrets(value) != value:
+            node[key] = redact_secrets(value)
 
 
 _NOT_PARAMS = ("test", "test_checkpoint")

@@ -34,6 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 from xp.checkpoint import load_file
 from xp.resume import ResumeError, ResumeTarget
 from xp.targets import UntrustedTarget, check_saved
+from xp.tracking import REDACTED
 
 STATE_MEANING = re.compile(
     r"^(model\..*|strategy\._target_|data\.(_target_|batch_size|drop_last)|randomness\.seed"
@@ -120,6 +121,8 @@ def restore_config(
             OmegaConf.update(restored, group, tree[group], merge=False)
     for key, value in saved.items():
         if key in given or key in NOT_RESTORED:
+            continue
+        if value == REDACTED:  # a secret: this command's value (its environment), never ***
             continue
         if any(key == d or key.startswith(d + ".") for d in deleted):
             continue

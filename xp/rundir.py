@@ -409,15 +409,23 @@ class RunDirCallback(Callback):
 
 
 def _redact_files(paths: Any) -> None:
-    """Rewrite the text files among ``paths`` without URI passwords or secret values."""
-    from xp.tracking import redact_secrets
+    """Rewrite the text files among ``paths`` without URI passwords or secret values; a
+    YAML file stays YAML that loads (a secret value becomes ``'***'``, not ``***``)."""
+    import yaml
+
+    from xp.tracking import redact_secrets, redact_strings
 
     for path in paths:
         if path.is_file():
             text = path.read_text(errors="replace")
             redacted = redact_secrets(text)
-            if redacted != text:
-                path.write_text(redacted)
+            if redacted == text:
+                continue
+            if path.suffix in (".yaml", ".yml"):
+                with contextlib.suppress(yaml.YAMLError):
+                    data = redact_strings(yaml.safe_load(text))
+                    redacted = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+            path.write_text(redacted)
 
 
 def _check_tracking(config: DictConfig) -> None:

@@ -62,6 +62,7 @@ __all__ = [
     "is_secret_name",
     "redact_environ",
     "redact_secrets",
+    "redact_strings",
     "redact_uri",
 ]
 
@@ -219,6 +220,24 @@ def redact_secrets(text: str, environ: Mapping[str, str] | None = None) -> str:
     error, a resolved config, a command line).
     """
     return _without(redact_uri(text), _secret_values(os.environ if environ is None else environ))
+
+
+REDACTED = _REDACTED
+"""What a redacted value reads in a record: ``***``."""
+
+
+def redact_strings(data: Any) -> Any:
+    """``data`` (plain nested dicts and lists, a loaded YAML document) with every string
+    passed through :func:`redact_secrets`: a value that was a secret stays a value of its
+    own when dumped again (``key: '***'``), where replacing it in the YAML text would write
+    ``key: ***``, which YAML reads as an alias and refuses."""
+    if isinstance(data, str):
+        return redact_secrets(data)
+    if isinstance(data, dict):
+        return {redact_strings(k): redact_strings(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact_strings(v) for v in data]
+    return data
 
 
 def _secret_values(environ: Mapping[str, str]) -> list[str]:

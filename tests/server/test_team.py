@@ -120,7 +120,13 @@ def test_a_run_lands_in_the_server(team: Server, reference, tmp_path: Path) -> N
 
 
 def stop_after_first_checkpoint(home: Path, experiment: str, *args: str, env) -> str:
-    """Start a run in ``home``, SIGTERM it once it saved a checkpoint; its run id."""
+    """Start a run in ``home``, SIGTERM it once it saved a checkpoint; its run id.
+
+    It saves every step (which changes nothing it computes): 30 steps of the tiny model
+    take about 50 ms otherwise, less than the poll for the first checkpoint, and the run
+    would finish before the signal."""
+    args = (*(a for a in args if not a.startswith("checkpoint.interval_steps=")),
+            "checkpoint.interval_steps=1")  # fmt: skip
     proc = start_xp(home, *args, f"experiment_name={experiment}", env=env)
     wait_for(
         lambda: (

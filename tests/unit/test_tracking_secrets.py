@@ -105,3 +105,33 @@ def test_no_secret_reaches_params_tags_or_the_error(
         run.data.tags["xp.error"]
         == "ConnectionError: http://xp:***@mlflow.example:5000 refused ***"
     )
+
+
+def test_a_saved_config_holding_a_secret_stays_yaml_that_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `key: ***` is a YAML alias, which no loader takes: resume= and test= of such a run
+    # failed with a ScannerError. The secret becomes the string '***'.
+    import yaml
+    from omegaconf import OmegaConf
+
+    from xp.build import redacted_yaml
+
+    monkeypatch.setenv("XP_DATA_API_KEY", TOKEN)
+    cfg = OmegaConf.create(
+        {
+            "data": {"key": "${oc.env:XP_DATA_API_KEY}", "url": f"https://h/?k={TOKEN}"},
+            "keys": ["${oc.env:XP_DATA_API_KEY}", "plain"],
+            "lr": 0.001,
+        }
+    )
+    text = redacted_yaml(cfg)
+    assert TOKEN not in text
+    assert yaml.safe_load(text) == {
+        "data": {"key": "***", "url": "https://h/?k=***"},
+        "keys": ["***", "plain"],
+        "lr": 0.001,
+    }
+    assert cfg.data.key == TOKEN  # the run's own config keeps its value
+    plain = OmegaConf.create({"lr": 0.001, "name": "x"})
+    assert redacted_yaml(plain) == OmegaConf.to_yaml(plain)  # nothing secret: as before
