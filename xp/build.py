@@ -19,7 +19,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, Node, OmegaConf
 
 from xp.callback import Callback, build_callbacks
 from xp.checkpoint import Checkpointer
@@ -317,7 +317,7 @@ def _redact_strings_in(node: DictConfig | ListConfig) -> None:
         if isinstance(child, (DictConfig, ListConfig)):
             _redact_strings_in(child)
             continue
-        value = child._value() if child is not None else None
+        value = child._value() if isinstance(child, Node) else None
         if isinstance(value, str) and redact_secrets(value) != value:
             node[key] = redact_secrets(value)
 
