@@ -75,6 +75,7 @@ from xp.tracking import (
     quiet_store_creation,
     redact_secrets,
     redact_uri,
+    sqlite_path,
 )
 
 if TYPE_CHECKING:
@@ -733,10 +734,8 @@ def _create_sqlite_store_atomically(uri: str) -> None:
     MLflow's ~2 s of migrations, cut short by a kill, would leave a store that no later
     run can open; a store that appears under its final name is always complete.
     """
-    if not uri.lower().startswith("sqlite:///"):
-        return
-    database = Path(uri[len("sqlite:///") :])
-    if database.exists():
+    database = sqlite_path(uri)
+    if database is None or database.exists():
         return
     from mlflow import MlflowClient
 

@@ -64,6 +64,7 @@ __all__ = [
     "redact_secrets",
     "redact_strings",
     "redact_uri",
+    "sqlite_path",
 ]
 
 # MLflow's limits (mlflow.utils.validation), copied because importing mlflow to read
@@ -145,7 +146,8 @@ class TrackingIncomplete(TrackingError):
 # --------------------------------------------------------------------------- secrets
 
 _SECRET_WORDS = ("PASSWORD", "PASSWD", "TOKEN", "SECRET", "KEY")
-_REDACTED = "***"
+REDACTED = "***"
+"""What a redacted value reads in a record."""
 # A URL's scheme and authority ("scheme://user:password@host:port"), and what follows up
 # to whitespace or a quote. An unencoded "@" in a password: the last "@" ends the userinfo.
 _URL = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<rest>[^\s'\"<>`]*)")
@@ -188,9 +190,9 @@ def _redact_url(match: re.Match[str]) -> str:
             at = later
     if at != -1:
         userinfo, host_and_tail = rest[:at], rest[at + 1 :]
-        if userinfo != _REDACTED:
+        if userinfo != REDACTED:
             user, colon, _ = userinfo.partition(":")
-            userinfo = f"{user}:{_REDACTED}" if colon and user != _REDACTED else _REDACTED
+            userinfo = f"{user}:{REDACTED}" if colon and user != REDACTED else REDACTED
         rest = f"{userinfo}@{host_and_tail}"
     if "=" in rest:
         rest = _QUERY_ITEM.sub(_redact_query_item, rest)
@@ -200,14 +202,14 @@ def _redact_url(match: re.Match[str]) -> str:
 def _redact_query_item(match: re.Match[str]) -> str:
     if not is_secret_name(match["name"]):
         return match.group(0)
-    return f"{match['sep']}{match['name']}={_REDACTED}"
+    return f"{match['sep']}{match['name']}={REDACTED}"
 
 
 def redact_environ(environ: Mapping[str, str]) -> dict[str, str]:
     """A copy of ``environ`` fit to record: secret-named values become ``***``
     (:func:`is_secret_name`), and URLs in the others lose their credentials."""
     return {
-        name: _REDACTED if is_secret_name(name) else redact_uri(value)
+        name: REDACTED if is_secret_name(name) else redact_uri(value)
         for name, value in environ.items()
     }
 
@@ -220,10 +222,6 @@ def redact_secrets(text: str, environ: Mapping[str, str] | None = None) -> str:
     error, a resolved config, a command line).
     """
     return _without(redact_uri(text), _secret_values(os.environ if environ is None else environ))
-
-
-REDACTED = _REDACTED
-"""What a redacted value reads in a record: ``***``."""
 
 
 def redact_strings(data: Any) -> Any:
@@ -253,7 +251,7 @@ def _secret_values(environ: Mapping[str, str]) -> list[str]:
 def _without(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         if secret in text:
-            text = text.replace(secret, _REDACTED)
+            text = text.replace(secret, REDACTED)
     return text
 
 
@@ -326,6 +324,13 @@ def default_tracking_uri(launch_dir: Path) -> str:
     return f"sqlite:///{(outputs / 'mlflow.db').as_posix()}"
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (without its query), or None."""
+    if not tracking_uri.lower().startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
+
+
 def default_artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
     """Where a new experiment keeps its artifacts, or None to let the store decide.
 
@@ -334,9 +339,9 @@ def default_artifact_location(tracking_uri: str, experiment_name: str) -> str | 
     working directory is, scatters them); a server decides for itself, and so do other
     stores.
     """
-    if not tracking_uri.lower().startswith("sqlite:///"):
+    database = sqlite_path(tracking_uri)
+    if database is None:
         return None
-    database = Path(tracking_uri[len("sqlite:///") :])
     folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment_name).strip("._") or "experiment"
     return (database.absolute().parent / "mlartifacts" / folder).as_uri()
 
@@ -1358,9 +1363,9 @@ def _sqlite_unwritable(uri: str) -> str | None:
     """Why a SQLite store's file cannot take writes (read-only, or a folder SQLite cannot
     write its journal into), or None. Checked before training: MLflow would fail only when
     it creates the run, in the writer, after steps that then are recorded nowhere."""
-    if not uri.lower().startswith("sqlite:///"):
+    database = sqlite_path(uri)
+    if database is None:
         return None
-    database = Path(uri[len("sqlite:///") :].split("?", 1)[0])
     folder = database.absolute().parent
     if not folder.is_dir():
         return f"its folder {folder} does not exist (mkdir -p {folder})"
