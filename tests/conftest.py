@@ -84,12 +84,40 @@ def _no_writer_left_behind():
     assert not left, f"the test left MLflow writer processes running: {sorted(left)}"
 
 
+# The suite runs on several processes (pytest-xdist, ``-n auto`` in pyproject.toml): most
+# tests wait on processes they start (CLI runs, servers, a cluster's requeues), so two
+# workers on two cores take about 0.6 of the time of one.
+_MAX_WORKERS = 4
+"""More workers than this oversubscribe the cores: every CLI test starts a training
+process, an MLflow writer and often several ranks of its own."""
+
+_ONE_WORKER_EACH = {"slurm": "slurm", "server": "server"}
+"""Folders whose tests share one real service started once per worker (the local Slurm
+cluster, PostgreSQL with its MLflow server): they run on one worker, one after another."""
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    import os
+
+    return max(1, min(_MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = Path(str(item.path)).parent.name
+        if folder in _ONE_WORKER_EACH:
+            item.add_marker(pytest.mark.xdist_group(_ONE_WORKER_EACH[folder]))
+
+
 _SKIPPED: list[str] = []
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.skipped:
-        _SKIPPED.append(report.nodeid)
+        # Without the "@group" that --dist loadgroup appends: a node id pytest takes again.
+        nodeid, _, group = report.nodeid.rpartition("@")
+        _SKIPPED.append(nodeid if group in _ONE_WORKER_EACH.values() else report.nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -100,5 +128,5 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     import os
 
     out = os.environ.get("XP_SKIPPED_TESTS")
-    if out:
+    if out and not hasattr(session.config, "workerinput"):  # the controller, with all reports
         Path(out).write_text("".join(f"{nodeid}\n" for nodeid in dict.fromkeys(_SKIPPED)))

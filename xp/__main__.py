@@ -382,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     _prepare_environment()
     if args and args[0] in SUBCOMMANDS:
         return SUBCOMMANDS[args[0]](args[1:])
+    from xp.stop import hold_warnings
+
+    hold_warnings()  # Slurm's warning while this starts up is for the loop, not fatal
     training = None
     if argv is None and _forks_training(args):
         from xp.prefork import fork_training

@@ -22,14 +22,37 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xp.strategy.base import Strategy
-from xp.trainer import Trainer, TrainingStopped
-
 if TYPE_CHECKING:
     from xp.resume import ResumeTarget
+    from xp.strategy.base import Strategy
+    from xp.trainer import Trainer
 
 REQUEUE_SIGNALS = (signal.SIGUSR1,)
 """The stop signals after which a Slurm job requeues itself."""
+
+
+_HELD: list[int] = []
+"""The warning (SIGUSR1) that came before the loop could take it (:func:`hold_warnings`)."""
+
+
+def hold_warnings() -> None:
+    """Keep a SIGUSR1 that comes before training starts, for the loop to take at its start.
+
+    Slurm sends its warning (``--signal=USR1@T``, ``scancel --signal=USR1``) to every
+    process of the job step when its time comes, also while ``python -m xp`` still
+    imports, composes or downloads what a requeued job resumes. USR1's default action
+    would end the process there: the step fails and the job is not requeued. Held, the
+    loop stops at its first point where the ranks agree, saves, and the job requeues as
+    for a warning during training. ``python -m xp`` calls this first thing; its forked
+    training process and a launcher's workers inherit it or call it too.
+    """
+    if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+        signal.signal(signal.SIGUSR1, _hold)
+
+
+def _hold(signum: int, frame: Any) -> None:
+    if not _HELD:
+        _HELD.append(signum)
 
 
 @contextlib.contextmanager
@@ -55,7 +78,11 @@ def stop_on_signals(trainer: Trainer) -> Iterator[None]:
                 raise KeyboardInterrupt
         trainer.request_stop(signum)
 
+    from xp.trainer import TrainingStopped
+
     previous = {sig: signal.signal(sig, handler) for sig in stops}
+    if _HELD:  # a warning before the loop started: it stops at its first chance
+        trainer.request_stop(_HELD.pop())
     stopped = False
     try:
         yield

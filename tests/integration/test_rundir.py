@@ -40,8 +40,23 @@ def _launch_together(workdir: Path, n: int, *args: str) -> list[subprocess.Compl
 
 
 def test_eight_launches_in_the_same_second_get_eight_run_directories(workdir, store) -> None:
-    results = _launch_together(workdir, 8, *SHORT, "experiment_name=race")
+    """Eight ``python -m xp`` in one directory at once: a run directory each, and on the
+    default SQLite store (one writer at a time) every point of every run, with no
+    "database is locked" or any other complaint reaching the user."""
+    steps = 60
+    results = _launch_together(
+        workdir,
+        8,
+        *SHORT,
+        f"trainer.max_steps={steps}",
+        "trainer.log_interval_steps=1",  # each run writes a point of each key every step
+        "tracking.flush_interval_s=0.1",
+        "experiment_name=race",
+    )
     assert [r.returncode for r in results] == [0] * 8, [r.stderr[-2000:] for r in results]
+    said = "\n".join(r.stdout + r.stderr for r in results)
+    for word in ("locked", "Traceback", "ERROR", "did not take"):
+        assert word not in said, said[-4000:]
     dirs = sorted((workdir / "outputs" / "race").iterdir())
     assert [d.name for d in dirs] == [SAME_SECOND] + [f"{SAME_SECOND}_{n}" for n in range(2, 9)]
     for d in dirs:  # each holds its own run: its log, named after its directory, and one checkpoint
@@ -52,6 +67,10 @@ def test_eight_launches_in_the_same_second_get_eight_run_directories(workdir, st
     assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
     assert sorted(r.data.tags["xp.run_dir"] for r in runs) == [str(d) for d in dirs]
     assert sorted(r.info.run_name for r in runs) == [d.name for d in dirs]
+    for run in runs:
+        for key in ("train/loss", "train/lr", "train/samples_per_s"):
+            logged = [m.step for m in store.get_metric_history(run.info.run_id, key)]
+            assert logged == list(range(1, steps + 1)), (run.info.run_name, key)
 
 
 def test_distributed_launches_in_the_same_second_get_one_directory_each(workdir, store) -> None:

@@ -1,123 +1,78 @@
-"""Many runs writing to one store at once: the team's server, and the default SQLite file.
+"""Many runs writing to the team's server at once (the default SQLite file takes eight at
+once in tests/integration/test_rundir.py).
 
-Each run is an :class:`xp.tracking.MlflowTracker` with its own writer process, as each
-``python -m xp`` has: what meets the store at once is what eight runs send (experiment
-creation racing, params, tags, artifacts, metrics, the runs' ends), without eight
-trainings' worth of torch imports on two cores.
+Each run is a ``python -m xp`` started at the same moment as the others, as a team's jobs
+or a user's shell loop start them: what meets the store at once is what their MLflow
+writers send (the experiment's creation racing, params, tags, the run files and
+checkpoints, a metric point every step, the runs' ends).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.server.conftest import SECRET_ENV, Server
-from xp.config import TrackingConfig
-from xp.tracking import MlflowTracker, default_artifact_location
+from tests.server.conftest import Server, xp_env
 
 pytestmark = pytest.mark.slow
 
-STEPS = 300
+STEPS = 200
 KEYS = ("train/loss", "train/lr", "train/samples_per_s")
-SETTINGS = TrackingConfig(flush_interval_s=0.1, close_timeout_s=60)
+ARGS = (
+    f"trainer.max_steps={STEPS}",
+    "trainer.max_epochs=100",
+    "trainer.log_interval_steps=1",  # a point of each key every step
+    "trainer.val_interval_epochs=1000",
+    "tracking.flush_interval_s=0.1",
+    "experiment_name=crowd",
+)
 
 
-def run_at_once(uri: str, n: int, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> list[str]:
-    """``n`` runs of the experiment ``crowd``, started together; their run ids."""
-    logger = logging.getLogger("tests.server.load")
-    logger.propagate = True
-    caplog.set_level(logging.INFO, logger="tests.server.load")
-    note = tmp_path / "note.txt"
-    note.write_text("a file each run uploads\n")
-    trackers = [
-        MlflowTracker(
-            SETTINGS,
-            tracking_uri=uri,
-            experiment_name="crowd",
-            run_name=f"run{i}",
-            tags={"xp.member": str(i)},
-            params={f"p{j}": str(j) for j in range(150)},  # two batches of params
-            artifact_location=default_artifact_location(uri, "crowd"),
-            logger=logger,
+def start_at_once(cwds: list[Path], env: dict[str, str]) -> list[subprocess.Popen[str]]:
+    for cwd in cwds:
+        cwd.mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "xp", *ARGS],
+            cwd=cwd,
+            env={**env, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        for i in range(n)
+        for cwd in cwds
     ]
-    start = threading.Barrier(n)
-    errors: list[BaseException] = []
-
-    def train(tracker: MlflowTracker) -> None:
-        try:
-            start.wait()
-            tracker.start()
-            tracker.log_artifact(note)
-            for step in range(1, STEPS + 1):
-                tracker.log_metrics({key: step / 7 for key in KEYS}, step)
-                if step % 50 == 0:
-                    tracker.set_tags({"xp.progress": str(step)})
-            tracker.close("FINISHED")
-        except BaseException as e:  # reported below, with the others
-            errors.append(e)
-
-    threads = [threading.Thread(target=train, args=(t,)) for t in trackers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not errors, errors
-    return [t.run_id for t in trackers]
 
 
-def assert_complete(
-    client,
-    run_ids: list[str],
-    caplog: pytest.LogCaptureFixture,
-    capfd: pytest.CaptureFixture[str],
-) -> None:
-    for run_id in run_ids:
-        run = client.get_run(run_id)
+def assert_complete(client: Any, runs: list[subprocess.Popen[str]]) -> None:
+    """Every run FINISHED with every point of every key, and nothing about a locked or
+    refused store said to the user."""
+    said = []
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-3000:]
+        said.append(out + err)
+    printed = "\n".join(said).lower()
+    for word in ("locked", "traceback", "did not take", " error"):
+        assert word not in printed, "\n".join(said)[-4000:]
+    experiment = client.get_experiment_by_name("crowd")
+    found = client.search_runs([experiment.experiment_id])
+    assert len(found) == len(runs)
+    for run in found:
         assert run.info.status == "FINISHED"
-        assert len(run.data.params) == 150
-        assert run.data.tags["xp.progress"] == str(STEPS)
-        assert [a.path for a in client.list_artifacts(run_id)] == ["note.txt"]
+        assert "xp.run_dir" in run.data.tags and run.data.params
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "env.json", "checkpoints"} <= artifacts, artifacts
         for key in KEYS:
-            assert [m.step for m in client.get_metric_history(run_id, key)] == list(
-                range(1, STEPS + 1)
-            ), (run_id, key)
-    said = caplog.text.lower()
-    assert "locked" not in said and "did not take" not in said, caplog.text
-    # What the writer processes themselves printed (they share this process's stderr).
-    out, err = capfd.readouterr()
-    printed = (out + err).lower()
-    assert "locked" not in printed and "traceback" not in printed, out + err
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert steps == list(range(1, STEPS + 1)), (run.info.run_id, key)
 
 
-def test_eight_runs_at_once_on_the_server(
-    team: Server,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    capfd: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    for name, value in {**team.env, **SECRET_ENV}.items():
-        monkeypatch.setenv(name, value)
-    run_ids = run_at_once(team.uri, 8, tmp_path, caplog)
-    assert len(set(run_ids)) == 8
-    assert_complete(team.client(), run_ids, caplog, capfd)
-
-
-def test_four_runs_at_once_on_sqlite(
-    mlflow_uri: str,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    capfd: pytest.CaptureFixture[str],
-) -> None:
-    """The default store (outputs/mlflow.db): SQLite takes one writer at a time."""
-    from mlflow import MlflowClient
-
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    run_ids = run_at_once(mlflow_uri, 4, tmp_path, caplog)
-    assert_complete(MlflowClient(mlflow_uri), run_ids, caplog, capfd)
+def test_eight_runs_at_once_on_the_server(team: Server, tmp_path: Path) -> None:
+    """Eight ``python -m xp`` against the team's server, each from its own directory."""
+    runs = start_at_once([tmp_path / f"user{i}" for i in range(8)], xp_env(team))
+    assert_complete(team.client(), runs)

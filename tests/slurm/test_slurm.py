@@ -21,7 +21,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tests.slurm.conftest import Cluster, xp_command
+from tests.server.conftest import CONF as SLEEPY_CONF
+from tests.server.conftest import REPO
+from tests.slurm.conftest import FINAL_STATES, Cluster, xp_command
 
 pytestmark = pytest.mark.slow
 
@@ -208,48 +210,119 @@ def test_preempted_and_requeued_job_resumes_its_run_bit_exact(
         )
 
 
-def test_time_limit_warning_saves_and_requeues_and_a_lost_checkpoint_fails_the_run(
+# A run longer than two of its job's time limits. Its steps wait 50 ms (model=sleepy, a
+# step on an accelerator): the uninterrupted run beside it costs the cores little.
+LIMITED = (
+    f"--config-dir={SLEEPY_CONF}",
+    "model=sleepy",
+    "strategy=ddp",
+    "data.batch_size=8",
+    "data.num_workers=1",  # a loader worker, which gets Slurm's warning too
+    "data.persistent_workers=true",
+    "trainer.max_epochs=1000",
+    "trainer.max_steps=2000",
+    "checkpoint.interval_steps=250",
+    "tracking.flush_interval_s=0.2",
+)
+
+
+def test_a_job_longer_than_its_time_limit_requeues_until_it_ends_as_the_uninterrupted_run(
+    cluster: Cluster, store: MlflowClient, tmp_path: Path, _empty_mlflow_db: Path
+) -> None:
+    """Item 4: a 2-task job with --time=2 --signal=USR1@60 (Slurm sends the warning to
+    every process of the step: both tasks, rank 0's MLflow writer, the loader workers) and
+    a run longer than two limits saves, ends the run KILLED and requeues at each warning,
+    as often as needed, and ends FINISHED with the uninterrupted run's weights and its
+    complete loss history. No process dies of the signal."""
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))
+    ref_dir = tmp_path / "reference"
+    (ref_dir / "outputs").mkdir(parents=True)
+    shutil.copyfile(_empty_mlflow_db, ref_dir / "outputs" / "mlflow.db")
+    # The same run on xp's own launcher, 2 ranks, beside the job and outside Slurm.
+    uninterrupted = subprocess.Popen(
+        [*xp_command(*LIMITED, "strategy.nproc_per_node=2", "experiment_name=ref").split()],
+        cwd=ref_dir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        job = cluster.sbatch(
+            f"#!/bin/bash\nexport PYTHONPATH={env['PYTHONPATH']}\n"
+            f"srun {xp_command(*LIMITED, 'experiment_name=limit')}\n",
+            "--ntasks=2",
+            "--time=2",
+            "--signal=USR1@60",
+            "--requeue",
+        )
+        # Between two parts of the job (requeued, not yet running) the run is KILLED, and
+        # each part trains again within seconds of the warning.
+        between: list[str] = []
+        started = time.monotonic()
+        while (now := cluster.job(job)).state not in FINAL_STATES:
+            assert time.monotonic() - started < 900, cluster.output(job)[-4000:]
+            if now.restarts and now.state == "PENDING":
+                between.append(only_run(store, "limit").info.status)
+            time.sleep(0.5)
+        _, err = uninterrupted.communicate(timeout=300)
+    finally:
+        uninterrupted.kill()
+    output = cluster.output(job)
+    assert now.state == "COMPLETED", output[-4000:]
+    assert uninterrupted.returncode == 0, err[-4000:]
+    stops = re.findall(r"^\S+ \S+ WARNING xp: Stopped by SIGUSR1 at step (\d+)", output, re.M)
+    assert now.restarts >= 2 and len(stops) == now.restarts, (now.restarts, stops)
+    assert between and set(between) == {"KILLED"}, between
+    assert "exited with signal" not in output  # no task, writer or loader worker died of it
+    assert "DataLoader worker" not in output and "Traceback" not in output
+
+    run = only_run(store, "limit")
+    assert run.info.status == "FINISHED"
+    (run_dir,) = (cluster.cwd / "outputs" / "limit").iterdir()
+    reference = MlflowClient(f"sqlite:///{ref_dir / 'outputs' / 'mlflow.db'}")
+    (ref_run_dir,) = (ref_dir / "outputs" / "ref").iterdir()
+    expected, actual = final_state(ref_run_dir), final_state(run_dir)
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), f"{key} differs"
+    steps = history(store, run.info.run_id)
+    assert [step for step, _ in steps] == list(range(10, 2001, 10))  # each step once
+    assert steps == history(reference, only_run(reference, "ref").info.run_id)
+    print(f"{now.restarts} time limits, stops at steps {stops}")
+
+
+def test_a_requeued_job_whose_checkpoints_are_gone_fails_its_run_naming_it(
     cluster: Cluster, store: MlflowClient
 ) -> None:
-    """Item 4 and the requeued job whose checkpoints were deleted: Slurm's warning before the
-    time limit (--signal=USR1@30, sent to every process of the step: the training, its
-    loader worker, the MLflow writer) saves, ends the run KILLED with every logged point,
-    and requeues; the requeued job, its checkpoints gone, fails with one error naming the
-    run, which ends FAILED with that reason instead of staying KILLED."""
+    """Bad input: a job requeued (and held) after its checkpoints were deleted fails with
+    one error naming the run, and the run ends FAILED with that reason, not KILLED or
+    RUNNING forever."""
     command = xp_command(
-        "data.num_workers=1",
-        "data.persistent_workers=true",
-        "trainer.max_epochs=100000",
+        *RUN,
         "trainer.max_steps=100000000",
-        "checkpoint.interval_steps=200",
-        "tracking.flush_interval_s=0.2",
         "tracking.log_checkpoints=false",  # nothing to download in place of the deleted ones
-        "experiment_name=limit",
+        "experiment_name=lost",
     )
-    job = cluster.sbatch(
-        f"#!/bin/bash\nsrun {command}\n", "--ntasks=1", "--time=10", "--signal=USR1@30", "--requeue"
-    )
-    runs = cluster.cwd / "outputs" / "limit"
+    job = cluster.sbatch(f"#!/bin/bash\nsrun {command}\n", "--ntasks=1", "--requeue")
+    runs = cluster.cwd / "outputs" / "lost"
     cluster.wait(job, lambda j: any(runs.glob("*/checkpoints/step_*.pt")), "training")
-    # Its time limit cut to 1 minute once it trains (as an admin may): slurmctld looks at
-    # time limits every 30 s and sends the warning at the first look that finds at most
-    # 30 + 30 s left, so within 30 s, and the limit's SIGTERM 30 s after that at the soonest.
-    assert cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=1").returncode == 0
-    stop = stopped_at(cluster, job, 1, timeout=90)
-    cluster.wait(job, lambda j: j.restarts == 1, "requeued by the run")
-    (run_dir,) = (cluster.cwd / "outputs" / "limit").iterdir()
-    shutil.rmtree(run_dir / "checkpoints")  # before the requeued job starts (5 s here)
-    run = only_run(store, "limit")
-    assert run.info.status == "KILLED"
-    steps = [step for step, _ in history(store, run.info.run_id)]
-    assert steps == list(range(10, stop + 1, 10))  # all written by the writer that got USR1 too
-    output = cluster.output(job)
-    assert "exited with signal" not in output  # neither the writer nor a loader worker died
-    assert "DataLoader worker" not in output
+    # Requeued and held, as an admin may: the run saves and ends KILLED, nothing starts
+    # again until the release.
+    assert cluster.run("scontrol", "requeuehold", job).returncode == 0
+    deadline = time.monotonic() + 60
+    while only_run(store, "lost").info.status != "KILLED":
+        assert time.monotonic() < deadline, cluster.output(job)[-4000:]
+        time.sleep(0.2)
+    cluster.wait(job, lambda j: j.state == "PENDING", "held")
+    (run_dir,) = runs.iterdir()
+    shutil.rmtree(run_dir / "checkpoints")
+    assert cluster.run("scontrol", "release", job).returncode == 0
 
     final = cluster.wait_done(job)
     assert final.state == "FAILED" and final.restarts == 1
-    run = only_run(store, "limit")
+    run = only_run(store, "lost")
     assert run.info.status == "FAILED"
     assert run.info.run_id in run.data.tags["xp.error"]
     errors = [line for line in cluster.output(job).splitlines() if line.startswith("xp: error:")]
@@ -257,10 +330,12 @@ def test_time_limit_warning_saves_and_requeues_and_a_lost_checkpoint_fails_the_r
     assert "no complete checkpoint" in errors[-1]
 
 
-def test_sweep_on_slurm_resumes_its_preempted_job(cluster: Cluster, store: MlflowClient) -> None:
-    """Item 5: hydra/launcher=slurm runs each job on the cluster (submitit); one warned
-    (submitit's USR2, as before its time limit) saves, requeues and resumes its own child
-    run while the other finishes; the parent lists both. No sacct errors are shown."""
+def test_sweep_on_slurm_resumes_its_preempted_jobs(cluster: Cluster, store: MlflowClient) -> None:
+    """Item 5: hydra/launcher=slurm runs each job on the cluster (submitit). One job warned
+    before its time limit (submitit's USR2), the other preempted (``scontrol requeue``:
+    Slurm's SIGTERM, then the job requeued by Slurm): each saves, is requeued and resumes
+    its own child run to FINISHED; the parent lists both and ends FINISHED. No sacct errors
+    are shown."""
     sweep = subprocess.Popen(
         xp_command(
             "-m",
@@ -268,7 +343,7 @@ def test_sweep_on_slurm_resumes_its_preempted_job(cluster: Cluster, store: Mlflo
             "optim.lr=1e-3,3e-3",
             "data.batch_size=8",
             "trainer.max_epochs=100",
-            "trainer.max_steps=2000",
+            "trainer.max_steps=3000",
             "checkpoint.interval_steps=50",
             "tracking.flush_interval_s=0.2",
             "experiment_name=sweep",
@@ -281,10 +356,10 @@ def test_sweep_on_slurm_resumes_its_preempted_job(cluster: Cluster, store: Mlflo
     )
     try:
         deadline = time.monotonic() + 180
-        preempted = None
-        while preempted is None:
+        training: list[Any] = []
+        while len(training) < 2:  # both jobs run at once (a core each)
             assert sweep.poll() is None, sweep.communicate()
-            assert time.monotonic() < deadline, "no job of the sweep trained"
+            assert time.monotonic() < deadline, "the sweep's jobs did not both train"
             experiment = store.get_experiment_by_name("sweep")
             children = (
                 []
@@ -295,27 +370,29 @@ def test_sweep_on_slurm_resumes_its_preempted_job(cluster: Cluster, store: Mlflo
                     if "mlflow.parentRunId" in r.data.tags
                 ]
             )
-            for child in children:
-                if any(Path(child.data.tags["xp.run_dir"], "checkpoints").glob("step_*.pt")):
-                    preempted = child
-                    break
+            training = [
+                child
+                for child in children
+                if any(Path(child.data.tags["xp.run_dir"], "checkpoints").glob("step_*.pt"))
+            ]
             time.sleep(0.2)
-        job = preempted.data.tags["xp.slurm_job_id"]
-        assert cluster.run("scancel", "--signal=USR2", job).returncode == 0
+        warned, preempted = (child.data.tags["xp.slurm_job_id"] for child in training)
+        assert cluster.run("scancel", "--signal=USR2", warned).returncode == 0
+        assert cluster.run("scontrol", "requeue", preempted).returncode == 0
         out, err = sweep.communicate(timeout=300)
     finally:
         sweep.kill()
     assert sweep.returncode == 0, err[-4000:]
     assert "Bypassing sacct error" not in err and "accounting storage is disabled" not in err
-    parent = store.search_runs(
-        [store.get_experiment_by_name("sweep").experiment_id],
-        filter_string="tags.`xp.sweep_dir` != ''",
-    )
-    children = [r for r in parent if "mlflow.parentRunId" in r.data.tags]
+    runs = store.search_runs([store.get_experiment_by_name("sweep").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert parent.info.status == "FINISHED"
     assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
-    resumed = next(r for r in children if r.info.run_id == preempted.info.run_id)
-    assert "xp.resumed_from" in resumed.data.tags  # its own run, continued
-    assert cluster.job(job).restarts == 1
+    for child in children:  # each its own run, continued
+        assert child.info.run_id in {r.info.run_id for r in training}
+        assert "xp.resumed_from" in child.data.tags, child.data.tags
+    assert cluster.job(warned).restarts == 1 and cluster.job(preempted).restarts == 1
     (summary,) = (cluster.cwd / "outputs" / "sweep" / "multirun").glob("*/summary.csv")
     assert summary.read_text().count("FINISHED") == 2
 
