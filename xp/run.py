@@ -42,7 +42,7 @@ from xp.resume import (
 from xp.rundir import RunDirError, RunDirLock, discard, in_launch_dir, launch_dir
 from xp.stop import requeue_on_slurm, stop_on_signals
 from xp.strategy.base import Strategy
-from xp.targets import UntrustedTarget, check_restored
+from xp.targets import UntrustedTarget, check_restored, targets_in
 from xp.tracking import (
     MlflowTracker,
     TrackingError,
@@ -109,8 +109,10 @@ def _restore(cfg: DictConfig, target: ResumeTarget | None) -> tuple[DictConfig, 
             )
             raise SystemExit(1)
         return cfg, {}
-    # What this command trusts: its own overrides and config files, never a saved config's.
-    allowed = list(cfg.target_allowlist or [])
+    # What this command trusts: its own overrides and config files, never a saved config's:
+    # target_allowlist, and each target this command composed itself (a requeued Slurm job
+    # runs its first command again, a user's own model from their --config-dir included).
+    allowed = [*(cfg.target_allowlist or []), *targets_in(plain(cfg))]
     try:
         restored, accepted = restore_config(cfg, target, HydraConfig.get().runtime.choices)
         check_restored(plain(restored), allowed)

@@ -66,6 +66,11 @@ def check_restored(config: Any, allowlist: Iterable[str] = ()) -> None:
             _check_target(key, value, allowed)
 
 
+def targets_in(config: Any) -> list[str]:
+    """Every ``_target_`` path of a plain config (this command's own, as it composed it)."""
+    return [str(v) for k, v in _walk(config, "") if k.rsplit(".", 1)[-1] == "_target_" and v]
+
+
 def check_saved(saved: Any) -> None:
     """Refuse interpolations in a saved config (the plain tree read from its YAML).
 

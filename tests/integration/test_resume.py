@@ -65,18 +65,33 @@ def history(store, run_id: str, key: str = "train/loss") -> list[tuple[int, floa
     return [(m.step, m.value) for m in store.get_metric_history(run_id, key)]
 
 
-@pytest.fixture
-def straight(xp, workdir: Path, store):
-    """The same configs trained without interruption, once per config."""
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory, _empty_mlflow_db: Path):
+    """The same configs trained without interruption, once per config for the module's
+    tests (in a directory and store of their own)."""
+    from mlflow import MlflowClient
+
+    home = tmp_path_factory.mktemp("straight")
+    (home / "outputs").mkdir()
+    shutil.copyfile(_empty_mlflow_db, home / "outputs" / "mlflow.db")
+    store = MlflowClient(f"sqlite:///{(home / 'outputs' / 'mlflow.db').as_posix()}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "_MLFLOW_", "XP_"))}
     cache: dict[tuple[str, ...], tuple[dict, list]] = {}
 
     def _get(*extra: str):
         if extra not in cache:
             name = f"straight{len(cache)}"
-            result = xp(*RUN, *extra, f"experiment_name={name}")
+            result = subprocess.run(
+                [sys.executable, "-m", "xp", *RUN, *extra, f"experiment_name={name}"],
+                cwd=home,
+                env={**env, "OMP_NUM_THREADS": "1"},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert result.returncode == 0, result.stderr[-3000:]
             run = the_run(store, name)
-            (run_dir,) = (workdir / "outputs" / name).iterdir()
+            (run_dir,) = (home / "outputs" / name).iterdir()
             cache[extra] = (final_state(run_dir), history(store, run.info.run_id))
         return cache[extra]
 
@@ -461,9 +476,19 @@ def test_nan_loss_stops_the_run_with_a_clear_message(xp, workdir, store) -> None
 
 
 def test_a_requeued_slurm_job_resumes_its_own_run(xp, workdir, store, monkeypatch) -> None:
-    """Slurm reruns the same command after a requeue; the job finds and continues its run."""
+    """Slurm reruns the same command after a requeue; the job finds and continues its run,
+    a user's own model (their module, their --config-dir) included: the command composed
+    that target itself, so the restored config's is trusted without target_allowlist."""
+    (workdir / "mymodels.py").write_text(
+        "from xp.model import MLP\n\n\nclass Net(MLP):\n    pass\n"
+    )
+    (workdir / "myconf" / "model").mkdir(parents=True)
+    (workdir / "myconf" / "model" / "mine.yaml").write_text(
+        "_target_: mymodels.Net\nin_features: 64\nhidden_sizes: [32]\nnum_classes: 10\n"
+    )
+    command = ["--config-dir=myconf", "model=mine", *RUN, "experiment_name=requeued"]
     monkeypatch.setenv("SLURM_JOB_ID", "4242")  # not a full srun environment: one process
-    proc = start(workdir, *RUN, "experiment_name=requeued")
+    proc = start(workdir, *command)
     wait_for_checkpoint(workdir, "requeued", proc)
     os.killpg(proc.pid, signal.SIGUSR1)  # Slurm's preemption warning
     proc.wait(timeout=120)
@@ -471,12 +496,19 @@ def test_a_requeued_slurm_job_resumes_its_own_run(xp, workdir, store, monkeypatc
     run = the_run(store, "requeued")
     assert run.info.status == "KILLED"
     assert run.data.tags["xp.slurm_job_id"] == "4242"
+    assert run.data.params["model._target_"] == "mymodels.Net"
 
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    result = xp(*RUN, "experiment_name=requeued")  # the same command, no resume=
+    result = xp(*command)  # the same command, no resume=
     assert result.returncode == 0, result.stderr[-3000:]
     run = the_run(store, "requeued")  # still one run
     assert run.info.status == "FINISHED"
+    assert "xp.resumed_from" in run.data.tags
+    # Another command's resume= of that run is still refused without the allowlist.
+    refused = xp(f"resume={run.info.run_id}", "trainer.max_epochs=20")
+    assert refused.returncode == 1
+    assert "model._target_='mymodels.Net'" in refused.stderr
+    assert "target_allowlist=[mymodels.]" in refused.stderr
 
 
 def test_resume_names_the_incomplete_checkpoint_it_skips(tmp_path: Path, capsys) -> None:

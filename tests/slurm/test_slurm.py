@@ -263,7 +263,7 @@ def test_a_job_longer_than_its_time_limit_requeues_until_it_ends_as_the_uninterr
         started = time.monotonic()
         while (now := cluster.job(job)).state not in FINAL_STATES:
             assert time.monotonic() - started < 900, cluster.output(job)[-4000:]
-            if now.restarts and now.state == "PENDING":
+            if now.restarts and now.state == "PENDING":  # requeued, not yet started again
                 between.append(only_run(store, "limit").info.status)
             time.sleep(0.5)
         _, err = uninterrupted.communicate(timeout=300)
@@ -312,7 +312,10 @@ def test_a_requeued_job_whose_checkpoints_are_gone_fails_its_run_naming_it(
     # again until the release.
     assert cluster.run("scontrol", "requeuehold", job).returncode == 0
     deadline = time.monotonic() + 60
-    while only_run(store, "lost").info.status != "KILLED":
+    while (
+        store.get_experiment_by_name("lost") is None
+        or only_run(store, "lost").info.status != "KILLED"
+    ):
         assert time.monotonic() < deadline, cluster.output(job)[-4000:]
         time.sleep(0.2)
     cluster.wait(job, lambda j: j.state == "PENDING", "held")
