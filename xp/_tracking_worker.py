@@ -29,9 +29,9 @@ When either side dies:
 - The worker dies (killed): the tracker's pipe closes; it warns once, training goes on,
   and its ``close()`` raises :class:`xp.tracking.TrackingIncomplete`.
 - Signals meant for the training process reach the worker too (Slurm signals every
-  process of a job step): it ignores SIGINT, SIGUSR1 and SIGUSR2, and a SIGTERM before
-  ``close``; the training process ends the run through it. A SIGTERM after ``close`` is the
-  tracker giving up on a store that does not answer: the worker leaves at once.
+  process of a job step): it ignores SIGINT, SIGUSR1 and SIGUSR2, and SIGTERM while the
+  training process lives, which ends the run through it. The tracker gives up on a store
+  that does not answer with SIGHUP (``GIVE_UP``): the worker leaves at once.
 
 A worker holds a lock on its run while it lives (``xp-mlflow-writer-<run id>.lock`` in
 the temp directory, removed when it ends); a worker that re-opens the run (resume,
@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from xp.tracking import (
+    GIVE_UP,
     CHECKPOINT_LOCATION_TAG,
     ERROR_TAG,
     MAX_METRICS_PER_BATCH,
@@ -1006,21 +1007,24 @@ def _leave_signals_to_training(serving: _Serving, parent_pid: int) -> None:
 
     Slurm signals every process of a job step, this one too: SIGTERM (scancel, a requeue,
     the time limit), SIGUSR1 (``--signal=USR1@...``), SIGUSR2 (submitit's), SIGINT (srun's
-    Ctrl-C). The training process got them as well and ends the run through this writer;
-    if it dies instead, the watchdog notices. Only a SIGTERM after ``close`` is the
-    tracker's (it gave up on a store that does not answer): the writer leaves at once,
-    without its lock file.
+    Ctrl-C), whenever they come: while this writer still imports, after the training
+    process already asked it to close the run. The training process got them as well and
+    ends the run through this writer; if it dies instead, the watchdog notices. A SIGTERM
+    once the training process is gone, and the tracker's own SIGHUP (:data:`GIVE_UP`: it
+    gave up on a store that does not answer), make the writer leave at once, without its
+    lock file.
     """
 
-    def on_sigterm(signum: int, frame: object) -> None:
+    def leave(signum: int, frame: object) -> None:
+        if signum == signal.SIGTERM and os.getppid() == parent_pid:
+            return  # meant for the training process
         writer = serving.writer
-        if os.getppid() == parent_pid and (writer is None or not writer.closing):
-            return
         if writer is not None:
             writer.release_run_lock()
         _leave(1)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(GIVE_UP, leave)
     for signum in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
 

@@ -14,6 +14,7 @@ the same command.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -48,6 +49,10 @@ def hold_warnings() -> None:
     """
     if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
         signal.signal(signal.SIGUSR1, _hold)
+        # And once the process ends, after its run: Python's exit puts USR1's default
+        # action back, and a warning then would end a job step whose run has finished as
+        # failed. Registered first, this runs last of the exit hooks.
+        atexit.register(signal.signal, signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _hold(signum: int, frame: Any) -> None:

@@ -79,6 +79,11 @@ ERROR_TAG = "xp.error"
 CHECKPOINT_LOCATION_TAG = "xp.checkpoint_location"
 _TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
+GIVE_UP = signal.SIGHUP
+"""The signal that ends a writer stuck on a store that does not answer: one that Slurm does
+not send to the processes of a job step (its TERM, INT, USR1 and USR2 are the training
+process's, and the writer leaves them to it)."""
+
 _HEALTH_TIMEOUT_S = 5.0
 _RETRY_PAUSE_S = 0.5
 # The writer itself gives up after tracking.close_timeout_s without progress; close()
@@ -1488,8 +1493,9 @@ def _recordable(values: Mapping[str, Any], limit: int) -> dict[str, str]:
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    """End a writer stuck in a request: SIGTERM lets it remove its lock file first."""
-    process.terminate()
+    """End a writer stuck in a request; its signal for this (not a SIGTERM, which Slurm
+    sends every process of a job step) lets it remove its lock file first."""
+    process.send_signal(GIVE_UP)
     try:
         process.wait(timeout=_HEALTH_TIMEOUT_S)
     except subprocess.TimeoutExpired:

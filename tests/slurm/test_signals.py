@@ -3,6 +3,7 @@ process of a job step, and leave the run to the training process (no cluster nee
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -80,3 +81,24 @@ def test_a_warning_before_training_starts_is_kept_for_the_loop(workdir: Path, fo
     assert run.info.status == "KILLED"
     (run_dir,) = (workdir / "outputs" / "early").iterdir()
     assert [p.name for p in (run_dir / "checkpoints").glob("step_*.pt")] == ["step_00000001.pt"]
+
+
+def test_a_warning_as_the_process_ends_after_its_run_does_not_fail_it() -> None:
+    """Slurm's warning can come as the training process exits, its run finished: Python's
+    exit puts USR1's default action back, and a warning then would end the process as
+    killed (the job step, and so the job, FAILED). It is ignored from the exit on."""
+    script = (
+        "import torch\n"  # a process with torch to free at exit, as a run's has: a while
+        "from xp.stop import hold_warnings\n"
+        "hold_warnings()\n"
+        "print('ready', flush=True)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=os.environ
+    )
+    assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    while process.poll() is None:  # the warning, again and again, until the process is gone
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGUSR1)
+        time.sleep(0.002)
+    assert process.returncode == 0

@@ -47,6 +47,13 @@ def history(store: MlflowClient, run_id: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in store.get_metric_history(run_id, "train/loss"))
 
 
+def status(store: MlflowClient, experiment: str) -> str | None:
+    """The status of the experiment's one run; None before the run's writer created it."""
+    if store.get_experiment_by_name(experiment) is None:
+        return None
+    return only_run(store, experiment).info.status
+
+
 def only_run(store: MlflowClient, experiment: str) -> Any:
     runs = store.search_runs([store.get_experiment_by_name(experiment).experiment_id])
     assert len(runs) == 1, [r.info.run_id for r in runs]
@@ -177,7 +184,7 @@ def test_preempted_and_requeued_job_resumes_its_run_bit_exact(
         assert cluster.run(*how).returncode == 0
         stops.append(stopped_at(cluster, job, count))
         deadline = time.monotonic() + 20  # the stopped run's end is written before it exits
-        while only_run(store, "pre").info.status != "KILLED":
+        while status(store, "pre") != "KILLED":
             assert time.monotonic() < deadline, "the stopped run did not end KILLED"
             time.sleep(0.1)
         cluster.wait(job, lambda j, n=count: j.restarts == n, f"requeued {count} times")
@@ -312,10 +319,7 @@ def test_a_requeued_job_whose_checkpoints_are_gone_fails_its_run_naming_it(
     # again until the release.
     assert cluster.run("scontrol", "requeuehold", job).returncode == 0
     deadline = time.monotonic() + 60
-    while (
-        store.get_experiment_by_name("lost") is None
-        or only_run(store, "lost").info.status != "KILLED"
-    ):
+    while status(store, "lost") != "KILLED":
         assert time.monotonic() < deadline, cluster.output(job)[-4000:]
         time.sleep(0.2)
     cluster.wait(job, lambda j: j.state == "PENDING", "held")
