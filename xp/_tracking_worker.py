@@ -63,9 +63,9 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from xp.tracking import (
-    GIVE_UP,
     CHECKPOINT_LOCATION_TAG,
     ERROR_TAG,
+    GIVE_UP,
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
     FromWriter,
