@@ -529,3 +529,24 @@ def test_a_default_run_prints_its_story_and_nothing_else(tmp_path: Path) -> None
              for line in lines]  # fmt: skip
     assert kinds == ["Run", *["epoch"] * 20, "Saved", "Done:"], result.stderr
     assert result.stdout.count("\n") == 1 and "finished; log_dir" in result.stdout
+
+
+def test_a_short_ddp_run_prints_its_story_once_and_leaves_no_live_lock(xp, workdir: Path) -> None:
+    """Two ranks, two epochs, shorter than the default schedule's warmup: one story on
+    rank 0's stderr (no FutureWarning of xp's own DDP wrapping, the schedule's notes once,
+    not per rank or per epoch), `Saved checkpoint <path>` as a path a user can copy, each
+    rank's finish line naming the MLflow run, and no `.xp-run.lock` left that reads like a
+    live run."""
+    result = xp("strategy=ddp", "strategy.nproc_per_node=2", "trainer.max_epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    kinds = [line.split(" xp: ", 1)[1].split(" ")[0] if " INFO xp: " in line else line
+             for line in lines]  # fmt: skip
+    assert kinds == ["Schedule:", "Schedule:", "Run", "epoch", "epoch", "Saved", "Done:"], lines
+    assert "inside scheduler.warmup's window" in lines[0]  # said once, as what it does
+    (run_dir,) = (workdir / "outputs" / "default").iterdir()
+    saved = lines[5].split("Saved checkpoint ", 1)[1]
+    assert saved == str(run_dir / "checkpoints" / "step_00000020.pt")  # no sentence dot
+    finished = result.stdout.splitlines()
+    assert len(finished) == 2 and all("MLflow run None" not in line for line in finished)
+    assert not (run_dir / ".xp-run.lock").exists()

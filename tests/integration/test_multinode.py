@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.extras import missing_system
+from tests.extras import missing_system, requires_extra
 from xp.dist import free_port
 
 pytestmark = pytest.mark.slow
@@ -152,14 +152,19 @@ def test_mpirun(workdir: Path, store: Any, tmp_path: Path) -> None:
     assert json.loads((run_dir / "env.json").read_text())["runtime"]["launcher"] == "mpi"
 
 
+@pytest.mark.parametrize(
+    "strategy",
+    ["fsdp", pytest.param("deepspeed", marks=requires_extra("deepspeed", "deepspeed"))],
+)
 def test_sharded_checkpoints_need_a_shared_directory(
-    workdir: Path, store: Any, tmp_path: Path
+    workdir: Path, store: Any, tmp_path: Path, strategy: str
 ) -> None:
-    """Item 8: FSDP, whose checkpoints every rank writes, stops before training when node 1
-    cannot see the run directory, naming the fix; nothing hangs, nothing is left behind."""
+    """Item 8: FSDP and DeepSpeed, whose checkpoints every rank writes, stop before training
+    when node 1 cannot see the run directory, naming the fix; nothing hangs, nothing is
+    left behind."""
     elsewhere = tmp_path / "node1"
     elsewhere.mkdir()
-    codes, logs = launch_slurm_tasks([workdir, elsewhere], ("strategy=fsdp",), 1, tmp_path)
+    codes, logs = launch_slurm_tasks([workdir, elsewhere], (f"strategy={strategy}",), 1, tmp_path)
     assert all(code != 0 for code in codes), output(logs)
     for log in logs:
         errors = [line for line in log.read_text().splitlines() if line.startswith("xp: error:")]
