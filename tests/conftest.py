@@ -92,9 +92,9 @@ def _no_writer_left_behind():
     assert not left, f"the test left MLflow writer processes running: {sorted(left)}"
 
 
-# The suite runs on several processes (pytest-xdist, ``-n auto`` in pyproject.toml): most
-# tests wait on processes they start (CLI runs, servers, a cluster's requeues), so two
-# workers on two cores take about 0.6 of the time of one.
+# The suite runs on several processes (pytest-xdist, ``-n auto`` in pyproject.toml): many
+# tests wait on processes they start (CLI runs, servers, a cluster's requeues), and another
+# worker uses the cores meanwhile.
 _MAX_WORKERS = 4
 """More workers than this oversubscribe the cores: every CLI test starts a training
 process, an MLflow writer and often several ranks of its own."""
@@ -113,9 +113,17 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        folder = Path(str(item.path)).parent.name
-        if folder in _ONE_WORKER_EACH:
+        folder = _folder(item)
+        if folder is not None:
             item.add_marker(pytest.mark.xdist_group(_ONE_WORKER_EACH[folder]))
+    # The cluster's tests first: minutes of one worker's time, mostly waiting on its jobs'
+    # requeues, while the other workers run the rest; last, they were the suite's tail.
+    items.sort(key=lambda item: _folder(item) != "slurm")
+
+
+def _folder(item: pytest.Item) -> str | None:
+    folder = Path(str(item.path)).parent.name
+    return folder if folder in _ONE_WORKER_EACH else None
 
 
 _SKIPPED: list[str] = []
