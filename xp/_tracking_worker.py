@@ -151,8 +151,6 @@ class _Writer:
         self._send_lock = threading.Lock()
         self.log = _ParentLog(self.send)
         self.orphaned = threading.Event()
-        self.closing = False
-        """The training process asked to end the run (``close`` arrived)."""
 
         self.run_id: str | None = None
         self._early_close: tuple[Any, ...] | None = None  # arrived while opening the run
@@ -207,7 +205,6 @@ class _Writer:
                     with self._lock:
                         self._ops.append((message[1], message[2]))
                 elif kind == ToWriter.CLOSE:
-                    self.closing = True
                     self.inbox.put(message)
                     return
                 self.inbox.put(("data",))

@@ -23,7 +23,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from xp.build import Built, build, build_tracker, build_trainer
 from xp.checkpoint import Checkpointer
@@ -112,7 +112,7 @@ def _restore(cfg: DictConfig, target: ResumeTarget | None) -> tuple[DictConfig, 
     # What this command trusts: its own overrides and config files, never a saved config's:
     # target_allowlist, and each target this command composed itself (a requeued Slurm job
     # runs its first command again, a user's own model from their --config-dir included).
-    allowed = [*(cfg.target_allowlist or []), *targets_in(plain(cfg))]
+    allowed = [*(cfg.target_allowlist or []), *targets_in(OmegaConf.to_container(cfg))]
     try:
         restored, accepted = restore_config(cfg, target, HydraConfig.get().runtime.choices)
         check_restored(plain(restored), allowed)

@@ -67,8 +67,13 @@ def check_restored(config: Any, allowlist: Iterable[str] = ()) -> None:
 
 
 def targets_in(config: Any) -> list[str]:
-    """Every ``_target_`` path of a plain config (this command's own, as it composed it)."""
-    return [str(v) for k, v in _walk(config, "") if k.rsplit(".", 1)[-1] == "_target_" and v]
+    """Every ``_target_`` path of a plain config (this command's own, as it composed it,
+    unresolved: an interpolation is no path, and resolving could need what is not set)."""
+    return [
+        str(v)
+        for k, v in _walk(config, "")
+        if k.rsplit(".", 1)[-1] == "_target_" and isinstance(v, str) and v and "${" not in v
+    ]
 
 
 def check_saved(saved: Any) -> None:
