@@ -10,13 +10,12 @@ checkpoints, a metric point every step, the runs' ends).
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.server.conftest import Server, xp_env
+from tests.server.conftest import Server, start_xp, xp_env
 
 pytestmark = pytest.mark.slow
 
@@ -33,19 +32,7 @@ ARGS = (
 
 
 def start_at_once(cwds: list[Path], env: dict[str, str]) -> list[subprocess.Popen[str]]:
-    for cwd in cwds:
-        cwd.mkdir(parents=True, exist_ok=True)
-    return [
-        subprocess.Popen(
-            [sys.executable, "-m", "xp", *ARGS],
-            cwd=cwd,
-            env={**env, "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for cwd in cwds
-    ]
+    return [start_xp(cwd, *ARGS, env=env) for cwd in cwds]
 
 
 def assert_complete(client: Any, runs: list[subprocess.Popen[str]]) -> None:

@@ -271,7 +271,7 @@ def test_a_job_longer_than_its_time_limit_requeues_until_it_ends_as_the_uninterr
         while (now := cluster.job(job)).state not in FINAL_STATES:
             assert time.monotonic() - started < 900, cluster.output(job)[-4000:]
             if now.restarts and now.state == "PENDING":  # requeued, not yet started again
-                between.append(only_run(store, "limit").info.status)
+                between.append(status(store, "limit"))
             time.sleep(0.5)
         _, err = uninterrupted.communicate(timeout=300)
     finally:
