@@ -110,8 +110,8 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(_MAX_WORKERS, len(os.sched_getaffinity(0))))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(wrapper=True)  # around xdist's own, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
     for item in items:
         folder = _folder(item)
         if folder is not None:
@@ -119,6 +119,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # The cluster's tests first: minutes of one worker's time, mostly waiting on its jobs'
     # requeues, while the other workers run the rest; last, they were the suite's tail.
     items.sort(key=lambda item: _folder(item) != "slurm")
+    yield
+
+
+def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
+    """On the controller: each worker marks a grouped test's node id "@<group>", and the
+    schedule follows those marks. Under a pytest that xdist cannot mark for, the groups are
+    silently ignored and two workers would share one cluster (pytest-dev/pytest-xdist#1386)."""
+    lost = [i for i in ids if i.split("/")[1:2] in (["slurm"], ["server"]) and "@" not in i]
+    if lost and node.config.getvalue("dist") == "loadgroup":
+        pytest.exit(
+            f"pytest-xdist's --dist loadgroup does not group under pytest {pytest.__version__}"
+            f" ({lost[0]} has no @group), so tests/slurm and tests/server would run on several"
+            f' workers at once: pip install -e ".[test]" (it pins pytest<9.2), or use -n 0',
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
 
 
 def _folder(item: pytest.Item) -> str | None:
