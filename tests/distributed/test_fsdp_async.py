@@ -55,7 +55,8 @@ def _async_resumes_like_sync(rank: int, world_size: int, tmp: Path) -> None:
             strategies[1].save_checkpoint(path, extra={"progress": {"step": 3}})
         # Steps 3-5 change the parameters and moments while the save may still be writing.
         train_step(strategies[1], prepared, step)
-    strategies[1].wait_for_checkpoints()
+    strategies[1].wait_for_checkpoints()  # rank 0: until the folder is marked complete
+    strategies[1].barrier()  # the others return once their shards are written
     assert is_complete(path)
     assert_same(full_model(prepared), straight, "async saves change nothing in training")
 
