@@ -177,6 +177,7 @@ def _resume_arguments(args: list[str]) -> list[str]:
     on_requeue = spec is None and test is None and requeued and "SLURM_JOB_ID" in os.environ
     if spec is None and not on_requeue:
         return args
+    import_training_stack()  # finding the run's checkpoints takes torch
     from xp.resume import ENV, TEST_ENV, ResumeError, ResumeTarget, resolve
     from xp.rundir import RunDirError, receive_claim, share_claim
     from xp.stop import ALREADY_FINISHED, requeued_target
@@ -320,14 +321,24 @@ def _prepare_training(tracked: bool, composed_fd: int) -> None:
     from xp.rundir import register_resolvers
 
     register_resolvers()
-    import torch._dynamo  # noqa: F401  (torch.optim's first optimizer imports it anyway)
+    import_training_stack()
 
-    import xp.run  # noqa: F401
+
+def import_training_stack() -> None:
+    """torch, the ``torch._dynamo`` that torch.optim's first optimizer imports anyway, and
+    xp's training modules, the garbage collector held back (:func:`xp.prefork.imports_frozen`)."""
+    from xp.prefork import imports_frozen
+
+    with imports_frozen():
+        import torch._dynamo  # noqa: F401
+
+        import xp.run  # noqa: F401
 
 
 def _run_task(cfg: Any) -> float | None:
     """Hydra's job: the run (xp.run); in a sweep, a failed job does not end the sweep."""
-    from xp.run import run  # imports hydra and torch: not before the fork
+    import_training_stack()
+    from xp.run import run
     from xp.sweep import job_errors
 
     with job_errors():

@@ -975,7 +975,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.getppid() != parent_pid:
             return 0  # the command ended before it trained (Hydra refused it)
     if early:
-        _warm_up()
+        from xp.prefork import imports_frozen
+
+        with imports_frozen():  # mlflow's import, 0.1-0.2 s sooner
+            _warm_up()
     threading.Thread(
         target=_watch_parent, args=(serving, parent_pid), name="xp-tracking-watchdog", daemon=True
     ).start()

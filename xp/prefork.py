@@ -32,7 +32,7 @@ import pickle
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from xp.log import say
@@ -280,6 +280,44 @@ def _take_over(handed: dict[str, Any], forked_with: set[str]) -> None:
     if handed["search_path"] is not None:
         _HYDRA_SETUP = (handed["task_name"], handed["search_path"])
     HydraConfig.instance().set_config(handed["hydra"])
+
+
+_IMPORT_GC_THRESHOLD = (5000, 1000, 1000)
+"""The collector's thresholds while the stack imports: a young object is examined once
+(every 5,000 allocations instead of 700) and the older generations not until the freeze."""
+
+_GC_FROZEN = False
+
+
+@contextlib.contextmanager
+def imports_frozen() -> Iterator[None]:
+    """Import the long-lived stack of a process (torch, xp's training modules; mlflow in the
+    writer) with Python's cyclic garbage collector held back, then freeze what it made.
+
+    Those imports make about 450,000 objects that live as long as the process. With the
+    collector's defaults, it scans them over and over while they import (each collection
+    of the older generations a little longer) and in its full collections after: 0.4 s of
+    a run's start on 2 cores (benchmarks/, start-up case: launch to step 100 2.56 -> 2.13 s,
+    the loop's 2.17; memory unchanged). Here a young object is examined once, which still
+    frees the garbage cycles the imports leave; then :func:`gc.freeze` moves everything to
+    the permanent generation, which no collection scans, and processes forked later (data
+    loader workers) keep sharing those pages instead of copying the ones a collection
+    would write to. Once per process: later calls (a sweep's next jobs) only run the block.
+    """
+    global _GC_FROZEN
+    import gc
+
+    if _GC_FROZEN or not gc.isenabled():
+        yield
+        return
+    saved = gc.get_threshold()
+    gc.set_threshold(*_IMPORT_GC_THRESHOLD)
+    try:
+        yield
+    finally:
+        _GC_FROZEN = True
+        gc.set_threshold(*saved)
+        gc.freeze()
 
 
 def initialize_hydra() -> None:
