@@ -17,6 +17,8 @@ import torch
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[2]
+
 # Long enough to stop in the middle; checkpoints often, so a kill loses little.
 RUN = [
     "trainer.max_epochs=12",
@@ -25,8 +27,13 @@ RUN = [
 ]
 
 
+def with_repo_path(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the repository on PYTHONPATH, for the tests' own models (tests.*)."""
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))}
+
+
 def start(workdir: Path, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = with_repo_path({**os.environ, "OMP_NUM_THREADS": "1"})
     return subprocess.Popen(
         [sys.executable, "-m", "xp", *args],
         cwd=workdir,
@@ -81,10 +88,12 @@ def straight(tmp_path_factory: pytest.TempPathFactory, _empty_mlflow_db: Path):
     def _get(*extra: str):
         if extra not in cache:
             name = f"straight{len(cache)}"
+            flags = [a for a in extra if a.startswith("--")]  # Hydra's, before the overrides
+            overrides = [a for a in extra if not a.startswith("--")]
             result = subprocess.run(
-                [sys.executable, "-m", "xp", *RUN, *extra, f"experiment_name={name}"],
+                [sys.executable, "-m", "xp", *flags, *RUN, *overrides, f"experiment_name={name}"],
                 cwd=home,
-                env={**env, "OMP_NUM_THREADS": "1"},
+                env=with_repo_path({**env, "OMP_NUM_THREADS": "1"}),
                 capture_output=True,
                 text=True,
                 timeout=300,
@@ -133,9 +142,15 @@ def test_sigterm_then_resume_is_bit_exact(xp, workdir, store, straight, extra) -
     assert history(store, run.info.run_id) == expected_history  # continuous, no duplicates
 
 
+# Steps that wait 10 ms (tests/server/sleepy.py): the run trains for 8 s or more however busy
+# the cores are, so the kill finds it training, at little cost of CPU (the uninterrupted
+# run too).
+CONF_DIR = f"--config-dir={REPO / 'tests' / 'server' / 'conf'}"
+SLEEPY = ["model=sleepy", "model.step_s=0.01", "trainer.max_epochs=40"]
+
+
 def test_kill_9_at_a_random_moment_then_resume_is_bit_exact(xp, workdir, store, straight):
-    long = "trainer.max_epochs=150"  # still training when the kill comes, even on a busy machine
-    proc = start(workdir, *RUN, long, "experiment_name=killed")
+    proc = start(workdir, CONF_DIR, *RUN, *SLEEPY, "experiment_name=killed")
     run_dir = wait_for_checkpoint(workdir, "killed", proc)
     while store.get_experiment_by_name("killed") is None:  # the run is created in the background
         time.sleep(0.05)
@@ -151,11 +166,15 @@ def test_kill_9_at_a_random_moment_then_resume_is_bit_exact(xp, workdir, store, 
     run = the_run(store, "killed")
     assert run.info.status == "RUNNING"  # nobody could mark it
 
-    result = xp(f"resume={run.info.run_id}")
+    result = xp(
+        f"resume={run.info.run_id}",
+        "target_allowlist=[tests.]",
+        PYTHONPATH=with_repo_path(dict(os.environ))["PYTHONPATH"],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = the_run(store, "killed")
     assert run.info.status == "FINISHED"
-    expected_state, expected_history = straight(long)
+    expected_state, expected_history = straight(CONF_DIR, *SLEEPY)
     assert_same(final_state(run_dir), expected_state)
     assert history(store, run.info.run_id) == expected_history
 
