@@ -110,8 +110,8 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(_MAX_WORKERS, len(os.sched_getaffinity(0))))
 
 
-@pytest.hookimpl(wrapper=True)  # around xdist's own, which reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         folder = _folder(item)
         if folder is not None:
@@ -119,7 +119,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # The cluster's tests first: minutes of one worker's time, mostly waiting on its jobs'
     # requeues, while the other workers run the rest; last, they were the suite's tail.
     items.sort(key=lambda item: _folder(item) != "slurm")
-    yield
 
 
 def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
