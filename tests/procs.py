@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -57,3 +58,11 @@ def writer_pids(root: int, *, descendants: bool = False) -> list[int]:
             except OSError:
                 continue  # it ended meanwhile
     return found
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def with_repo_path(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the repository on PYTHONPATH, for the tests' own models (``tests.*``)."""
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))}

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+from tests.procs import REPO, with_repo_path
 
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
 
 # Long enough to stop in the middle; checkpoints often, so a kill loses little.
 RUN = [
@@ -25,11 +25,6 @@ RUN = [
     "checkpoint.interval_steps=7",
     "tracking.flush_interval_s=0.2",
 ]
-
-
-def with_repo_path(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with the repository on PYTHONPATH, for the tests' own models (tests.*)."""
-    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))}
 
 
 def start(workdir: Path, *args: str) -> subprocess.Popen[str]:

@@ -21,8 +21,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from tests.procs import with_repo_path
 from tests.server.conftest import CONF as SLEEPY_CONF
-from tests.server.conftest import REPO
 from tests.slurm.conftest import FINAL_STATES, Cluster, xp_command
 
 pytestmark = pytest.mark.slow
@@ -241,8 +241,7 @@ def test_a_job_longer_than_its_time_limit_requeues_until_it_ends_as_the_uninterr
     a run longer than two limits saves, ends the run KILLED and requeues at each warning,
     as often as needed, and ends FINISHED with the uninterrupted run's weights and its
     complete loss history. No process dies of the signal."""
-    env = {k: v for k, v in cluster.env.items() if not k.startswith("SLURM_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))
+    env = with_repo_path({k: v for k, v in cluster.env.items() if not k.startswith("SLURM_")})
     ref_dir = tmp_path / "reference"
     (ref_dir / "outputs").mkdir(parents=True)
     shutil.copyfile(_empty_mlflow_db, ref_dir / "outputs" / "mlflow.db")
